@@ -1,0 +1,229 @@
+"""Iteration-level scheduler (continuous batching), host-only.
+
+Every step it decides, under `max_num_batched_tokens` and `max_num_seqs`, how many new tokens each
+request computes: running requests first (in order), then waiting ones (FCFS or by priority).
+A request that needs pages the pool does not have preempts the lowest-priority running request
+(its pages are freed and it is recomputed later) rather than failing. Finished or aborted requests
+free their pages at once, so waiting requests take their place in the very next step.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from pagedjax.config import SchedulerConfig
+from pagedjax.core.kv_cache_manager import KVCacheManager
+from pagedjax.core.request import Request, RequestStatus
+
+
+class RequestRejectedError(ValueError):
+    """A request that can never be served (too long for the model or for the whole pool)."""
+
+
+@dataclass
+class ScheduledChunk:
+    request: Request
+    start: int  # first token computed this step (== num_computed_tokens when scheduled)
+    num_new_tokens: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_new_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the request's last known token: its logits give a new token."""
+        return self.end == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    decodes: list[ScheduledChunk] = field(default_factory=list)  # exactly one new token each
+    prefills: list[ScheduledChunk] = field(default_factory=list)  # more than one new token each
+    preempted: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(c.num_new_tokens for c in self.prefills)
+
+    @property
+    def chunks(self) -> list[ScheduledChunk]:
+        return self.decodes + self.prefills
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+
+class _WaitingQueue:
+    """FCFS deque, or a heap on (priority, arrival) for the priority policy. Preempted requests
+    go back to the front (FCFS) / keep their place (priority)."""
+
+    def __init__(self, policy: str):
+        if policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling policy must be 'fcfs' or 'priority', got {policy!r}")
+        self.policy = policy
+        self._dq: deque[Request] = deque()
+        self._heap: list[tuple[int, float, int, Request]] = []
+        self._counter = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._dq) if self.policy == "fcfs" else len(self._heap)
+
+    def push(self, req: Request, front: bool = False) -> None:
+        if self.policy == "fcfs":
+            (self._dq.appendleft if front else self._dq.append)(req)
+        else:
+            heapq.heappush(self._heap, (req.priority, req.arrival_time, next(self._counter), req))
+
+    def peek(self) -> Request:
+        return self._dq[0] if self.policy == "fcfs" else self._heap[0][3]
+
+    def pop(self) -> Request:
+        return self._dq.popleft() if self.policy == "fcfs" else heapq.heappop(self._heap)[3]
+
+    def remove(self, req: Request) -> bool:
+        if self.policy == "fcfs":
+            try:
+                self._dq.remove(req)
+                return True
+            except ValueError:
+                return False
+        for i, item in enumerate(self._heap):
+            if item[3] is req:
+                self._heap.pop(i)
+                heapq.heapify(self._heap)
+                return True
+        return False
+
+    def __iter__(self):
+        return iter(self._dq) if self.policy == "fcfs" else iter(sorted(self._heap))
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager):
+        self.config = config
+        self.kv_cache = kv_cache
+        self.waiting = _WaitingQueue(config.policy)
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # ----------------------------------------------------------------------------------- requests
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Raise RequestRejectedError if a request of this size could never run."""
+        total = num_prompt_tokens + max_tokens
+        if num_prompt_tokens < 1:
+            raise RequestRejectedError("prompt must contain at least one token")
+        if total > self.config.max_model_len:
+            raise RequestRejectedError(
+                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} exceeds "
+                f"max_model_len ({self.config.max_model_len})"
+            )
+        pages = self.kv_cache.pages_needed(total)
+        if pages > self.kv_cache.pool.num_pages:
+            raise RequestRejectedError(
+                f"request needs {pages} KV pages but the pool only has {self.kv_cache.pool.num_pages}"
+            )
+
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        self.check_fits(req.num_prompt_tokens, req.max_tokens)
+        self.requests[req.request_id] = req
+        self.waiting.push(req)
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """Mark finished and free its pages immediately."""
+        assert status.finished
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif not req.status.finished:
+            self.waiting.remove(req)
+        req.status = status
+        self.kv_cache.free(req.request_id)
+        self.requests.pop(req.request_id, None)
+
+    def abort(self, request_id: str) -> Request | None:
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        self.finish(req, RequestStatus.FINISHED_ABORTED)
+        return req
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    # ---------------------------------------------------------------------------------- scheduling
+    def _preempt(self, victim: Request, out: SchedulerOutput) -> None:
+        self.running.remove(victim)
+        self.kv_cache.free(victim.request_id)
+        victim.num_computed_tokens = 0
+        victim.status = RequestStatus.PREEMPTED
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.push(victim, front=True)
+        out.preempted.append(victim.request_id)
+
+    def _pick_victim(self, candidates: list[Request]) -> Request:
+        if self.config.policy == "priority":
+            return max(candidates, key=lambda r: (r.priority, r.arrival_time))
+        return candidates[-1]
+
+    def _add_chunk(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
+        chunk = ScheduledChunk(req, req.num_computed_tokens, num_new)
+        (out.decodes if num_new == 1 else out.prefills).append(chunk)
+
+    def schedule(self) -> SchedulerOutput:
+        cfg = self.config
+        out = SchedulerOutput()
+        budget = cfg.max_num_batched_tokens
+        scheduled: set[str] = set()
+
+        # 1. Running requests, in order; preempt from the back when pages run out.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if num_new > 1 and len(out.prefills) >= cfg.max_num_prefill_seqs:
+                i += 1
+                continue
+            while not self.kv_cache.allocate_slots(req.request_id, req.num_computed_tokens + num_new):
+                victims = [r for r in self.running[i:] if r.request_id not in scheduled]
+                victim = self._pick_victim(victims)
+                self._preempt(victim, out)
+                if victim is req:
+                    break
+            else:
+                self._add_chunk(out, req, num_new)
+                scheduled.add(req.request_id)
+                budget -= num_new
+                i += 1
+
+        # 2. Waiting requests, while there is room (never when this step had to preempt).
+        while len(self.waiting) and budget > 0 and len(self.running) < cfg.max_num_seqs and not out.preempted:
+            req = self.waiting.peek()
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if num_new > 1 and len(out.prefills) >= cfg.max_num_prefill_seqs:
+                break
+            if not self.kv_cache.allocate_slots(req.request_id, req.num_computed_tokens + num_new):
+                break
+            self.waiting.pop()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            self._add_chunk(out, req, num_new)
+            scheduled.add(req.request_id)
+            budget -= num_new
+        return out
+
+    def check_invariants(self) -> None:
+        self.kv_cache.check_invariants()
+        ids = [r.request_id for r in self.running] + [r.request_id for r in self.waiting]
+        assert len(ids) == len(set(ids)), "a request is both running and waiting"
+        assert set(ids) == set(self.requests), "scheduler lost track of a request"
+        for rid in self.kv_cache.block_tables:
+            assert rid in {r.request_id for r in self.running}, f"{rid} holds pages but is not running"

@@ -1,0 +1,108 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2) as a pure function over a parameter pytree.
+
+One call runs one engine step: a flat batch of tokens from many sequences (decodes and prefill
+chunks together), writes their K/V into the global page pool, attends through the pool, and returns
+logits only for the rows the sampler needs. Layers run under `lax.scan` over stacked weights: one
+traced layer body, so compiles stay short however deep the model is.
+
+Matmuls take weights in the model dtype with float32 accumulation (`preferred_element_type`): on a
+CPU with AMX, bf16 x bf16 -> f32 is several times faster than float32; the residual stream, norms,
+RoPE and softmax stay in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pagedjax.config import ModelConfig
+from pagedjax.models.layers.norm import rms_norm
+from pagedjax.models.layers.rope import apply_rope, inverse_frequencies
+from pallas_kernels import AttentionMetadata, write_kv
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class StepInputs:
+    """Device arrays of one step (shapes fixed by the step's bucket)."""
+
+    token_ids: jax.Array  # i32[T]
+    positions: jax.Array  # i32[T]
+    slot_pages: jax.Array  # i32[T]  page of each token's K/V slot (num_pages for padding)
+    slot_offsets: jax.Array  # i32[T] offset inside that page
+    logits_indices: jax.Array  # i32[S] rows whose logits are needed (padding: any valid row)
+    attention: AttentionMetadata
+
+
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x @ w with operands in the weight dtype and float32 accumulation."""
+    return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
+def compute_logits(params: dict, config: ModelConfig, hidden: jax.Array) -> jax.Array:
+    """Final norm + LM head (tied embeddings reuse the embedding matrix) -> float32 logits."""
+    h = rms_norm(hidden, params["final_norm"], config.rms_norm_eps)
+    if "lm_head" in params:
+        return _matmul(h, params["lm_head"])
+    embed = params["embed"]
+    return lax.dot_general(h.astype(embed.dtype), embed, (((1,), (1,)), ((), ())),
+                           preferred_element_type=jnp.float32)
+
+
+def forward_hidden(
+    params: dict,
+    config: ModelConfig,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    inputs: StepInputs,
+    attention_fn: Callable,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Run all layers over the step's tokens. Returns (hidden [T, H] f32, k_cache, v_cache)."""
+    c = config
+    inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling_dict)
+    scale = c.head_dim**-0.5
+    T = inputs.token_ids.shape[0]
+    h0 = params["embed"][inputs.token_ids].astype(jnp.float32)
+    meta = inputs.attention
+
+    def layer(carry, xs):
+        h, kc, vc = carry
+        w, idx = xs
+        x = rms_norm(h, w["attn_norm"], c.rms_norm_eps)
+        qkv = _matmul(x, w["wqkv"])
+        if "bqkv" in w:
+            qkv = qkv + w["bqkv"]
+        q, k, v = jnp.split(qkv, [c.q_size, c.q_size + c.kv_size], axis=-1)
+        q = apply_rope(q.reshape(T, c.num_heads, c.head_dim), inputs.positions, inv_freq)
+        k = apply_rope(k.reshape(T, c.num_kv_heads, c.head_dim), inputs.positions, inv_freq)
+        v = v.reshape(T, c.num_kv_heads, c.head_dim)
+        kc, vc = write_kv(kc, vc, idx, k, v, inputs.slot_pages, inputs.slot_offsets)
+        attn = attention_fn(q, kc, vc, idx, meta, scale=scale, sliding_window=c.sliding_window)
+        h = h + _matmul(attn.reshape(T, c.q_size), w["wo"])
+        x = rms_norm(h, w["mlp_norm"], c.rms_norm_eps)
+        gate, up = jnp.split(_matmul(x, w["w_gate_up"]), 2, axis=-1)
+        h = h + _matmul(jax.nn.silu(gate) * up, w["w_down"])
+        return (h, kc, vc), None
+
+    layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
+    (h, k_cache, v_cache), _ = lax.scan(layer, (h0, k_cache, v_cache), (params["layers"], layer_ids))
+    return h, k_cache, v_cache
+
+
+def forward(
+    params: dict,
+    config: ModelConfig,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    inputs: StepInputs,
+    attention_fn: Callable,
+    all_logits: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One step: returns (logits f32[S, V] at `logits_indices` — or [T, V] if all_logits —, caches)."""
+    h, k_cache, v_cache = forward_hidden(params, config, k_cache, v_cache, inputs, attention_fn)
+    rows = h if all_logits else h[inputs.logits_indices]
+    return compute_logits(params, config, rows), k_cache, v_cache

@@ -1,0 +1,47 @@
+"""The device memory of the global KV page pool: one K and one V buffer for all layers.
+
+    k_cache, v_cache: [num_layers, num_pages, block_size, num_kv_heads, head_dim]
+
+Allocated once; every jitted step donates them and gets them back updated in place.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pagedjax.config import CacheConfig, ModelConfig
+
+DEFAULT_CPU_KV_BYTES = 2 * 1024**3
+
+
+def bytes_per_page(model: ModelConfig, block_size: int, dtype: jnp.dtype) -> int:
+    return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * jnp.dtype(dtype).itemsize
+
+
+def kv_budget_bytes(cache: CacheConfig, weight_bytes: int) -> int:
+    """Bytes for the pool: the explicit budget, else a fraction of accelerator memory, else 2 GiB."""
+    if cache.kv_cache_memory is not None:
+        return int(cache.kv_cache_memory)
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        stats = dev.memory_stats() or {}
+        limit = stats.get("bytes_limit")
+        if limit:
+            in_use = stats.get("bytes_in_use", weight_bytes)
+            return max(int(limit * cache.gpu_memory_utilization) - in_use, 0)
+    return DEFAULT_CPU_KV_BYTES
+
+
+def num_pages_for(model: ModelConfig, cache: CacheConfig, dtype: jnp.dtype, weight_bytes: int,
+                  max_useful_pages: int) -> int:
+    """Pages the pool gets: from the budget, but never more than can ever be in use at once."""
+    if cache.num_pages is not None:
+        return cache.num_pages
+    pages = kv_budget_bytes(cache, weight_bytes) // bytes_per_page(model, cache.block_size, dtype)
+    return int(max(1, min(pages, max_useful_pages)))
+
+
+def allocate_kv_cache(model: ModelConfig, num_pages: int, block_size: int, dtype: jnp.dtype):
+    shape = (model.num_layers, num_pages, block_size, model.num_kv_heads, model.head_dim)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
