@@ -23,7 +23,7 @@ from pagedjax.engine.detokenizer import IncrementalDetokenizer
 from pagedjax.metrics import EngineMetrics
 from pagedjax.models.loader import LoadedModel, load_model
 from pagedjax.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from pagedjax.runner.model_runner import ModelRunner
+from pagedjax.runner.model_runner import ModelRunner, StepResult
 from pagedjax.sampling_params import SamplingParams
 
 PromptType = str | list[int] | dict[str, Any]
@@ -74,6 +74,7 @@ class LLMEngine:
         self._parents: dict[str, _ParentRequest] = {}
         self._child_to_parent: dict[str, str] = {}
         self._ids = itertools.count()
+        self.last_step_result: StepResult | None = None
         eos = set(self.model_config.eos_token_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -190,6 +191,7 @@ class LLMEngine:
             return []
         t0 = time.perf_counter()
         result = self.runner.execute(sched_out, self.kv_cache.block_tables)
+        self.last_step_result = result
         now = time.time()
         touched: dict[str, _ParentRequest] = {}
         for ch in sched_out.chunks:

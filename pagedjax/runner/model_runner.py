@@ -39,6 +39,8 @@ class StepResult:
     logprobs: dict[str, dict[int, float]] = field(default_factory=dict)
     # request id -> [(prompt index i, {token: logprob}) for prompt tokens i >= 1 covered this step]
     prompt_logprobs: dict[str, list[tuple[int, dict[int, float]]]] = field(default_factory=dict)
+    # With ModelRunner.capture_logits: request id -> (first position, f32[num_new_tokens, V] logits).
+    logits: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
 
 
 @partial(jax.jit, static_argnames=("n",))
@@ -72,6 +74,8 @@ class ModelRunner:
         self._model_step = jax.jit(model_step, static_argnames=("all_logits",), donate_argnums=(1, 2))
         self._compiled: set[tuple] = set()
         self.compile_seconds = 0.0
+        # Research/test hook: also return every scheduled token's logits (costs a [T, V] matmul).
+        self.capture_logits = False
 
     # ------------------------------------------------------------------------------ bookkeeping
     @property
@@ -139,7 +143,7 @@ class ModelRunner:
             c for c in out.prefills if c.request.sampling_params.prompt_logprobs is not None
         ] + [c for c in out.decodes if c.request.sampling_params.prompt_logprobs is not None
              and c.start < c.request.num_prompt_tokens]
-        all_logits = bool(want_prompt_lp)
+        all_logits = bool(want_prompt_lp) or self.capture_logits
 
         t0 = time.perf_counter()
         new = self._note_compile(("model", shape, all_logits))
@@ -150,7 +154,12 @@ class ModelRunner:
         if all_logits:
             all_rows = logits
             logits = all_rows[jnp.asarray(inputs.logits_indices)]
-            self._prompt_logprobs(all_rows, inputs, out, want_prompt_lp, result)
+            if want_prompt_lp:
+                self._prompt_logprobs(all_rows, inputs, out, want_prompt_lp, result)
+            if self.capture_logits:
+                host = np.asarray(all_rows)
+                for ch, r0 in zip(chunks, self._row_starts(out, shape), strict=True):
+                    result.logits[ch.request.request_id] = (ch.start, host[r0:r0 + ch.num_new_tokens])
 
         rows: list[SamplingRow] = [_PAD_ROW] * shape.num_sample_rows
         for ch, r in zip(chunks, row_of, strict=True):
@@ -178,6 +187,16 @@ class ModelRunner:
             self.compile_seconds += time.perf_counter() - t0
         return result
 
+    @staticmethod
+    def _row_starts(out: SchedulerOutput, shape: StepShape) -> list[int]:
+        """First flat token row of each chunk, in `out.decodes + out.prefills` order."""
+        starts = list(range(len(out.decodes)))
+        row = shape.decode_rows
+        for ch in out.prefills:
+            starts.append(row)
+            row += ch.num_new_tokens
+        return starts
+
     def _sampling_row(self, req) -> SamplingRow:
         sp = req.sampling_params
         blocked: list[int] = []
@@ -189,16 +208,10 @@ class ModelRunner:
     def _prompt_logprobs(self, all_rows, inputs: StepInputs, out: SchedulerOutput, chunks, result: StepResult):
         """Logprob of each prompt token given its prefix (vLLM's prompt_logprobs), for chunks that
         cover prompt positions. Position p's logits score prompt token p + 1."""
-        D = inputs.attention.decode_context_lens.shape[0]
+        shape = self.buckets.shape_for(len(out.decodes), sum(c.num_new_tokens for c in out.prefills))
+        starts = {c.request.request_id: r for c, r in zip(out.chunks, self._row_starts(out, shape), strict=True)}
         next_ids = np.zeros(all_rows.shape[0], np.int32)
         spans = []
-        row = 0
-        starts = {}
-        for ch in out.prefills:
-            starts[ch.request.request_id] = D + row
-            row += ch.num_new_tokens
-        for i, ch in enumerate(out.decodes):
-            starts[ch.request.request_id] = i
         n = max(c.request.sampling_params.prompt_logprobs for c in chunks)
         for ch in chunks:
             req = ch.request
