@@ -29,26 +29,53 @@ class LLM:
         warmup: compile every step shape at start-up so no request waits for a compile.
     """
 
-    def __init__(self, model: str | None = None, *, dtype: str = "auto", block_size: int = 16,
-                 kv_cache_memory: int | None = None, gpu_memory_utilization: float = 0.85,
-                 num_kv_pages: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
-                 max_model_len: int | None = None, seed: int = 0, scheduling_policy: str = "fcfs",
-                 attention_backend: str = "auto", warmup: bool = True, compilation_cache_dir: str | None = None,
-                 **kwargs: Any):
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        dtype: str = "auto",
+        block_size: int = 16,
+        kv_cache_memory: int | None = None,
+        gpu_memory_utilization: float = 0.85,
+        num_kv_pages: int | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 512,
+        max_model_len: int | None = None,
+        seed: int = 0,
+        scheduling_policy: str = "fcfs",
+        attention_backend: str = "auto",
+        warmup: bool = True,
+        compilation_cache_dir: str | None = None,
+        **kwargs: Any,
+    ):
         self.llm_engine = LLMEngine.from_args(
-            model, dtype=dtype, seed=seed, block_size=block_size, kv_cache_memory=kv_cache_memory,
-            gpu_memory_utilization=gpu_memory_utilization, num_kv_pages=num_kv_pages, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-            scheduling_policy=scheduling_policy, attention_backend=attention_backend, warmup=warmup,
-            compilation_cache_dir=compilation_cache_dir, **kwargs,
+            model,
+            dtype=dtype,
+            seed=seed,
+            block_size=block_size,
+            kv_cache_memory=kv_cache_memory,
+            gpu_memory_utilization=gpu_memory_utilization,
+            num_kv_pages=num_kv_pages,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=max_model_len,
+            scheduling_policy=scheduling_policy,
+            attention_backend=attention_backend,
+            warmup=warmup,
+            compilation_cache_dir=compilation_cache_dir,
+            **kwargs,
         )
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
-    def generate(self, prompts: PromptType | Sequence[PromptType],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
         """Generate for every prompt (strings, token-id lists, or {"prompt_token_ids": [...]}).
 
         All prompts are validated before any is queued: a bad one raises ValueError and nothing runs.
@@ -61,24 +88,33 @@ class LLM:
         prompts = list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
-        params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) \
+        params = (
+            [sampling_params] * len(prompts)
+            if isinstance(sampling_params, SamplingParams)
             else list(sampling_params)
+        )
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(priority)} priorities")
         return self._run(prompts, params, priority, use_tqdm)
 
-    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
-             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
-             chat_template: str | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, through the model's chat template."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.get_tokenizer()
         prompts = []
         for conv in convs:
-            text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                           chat_template=chat_template)
+            text = tok.apply_chat_template(
+                conv, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template
+            )
             ids = tok.encode(text, add_special_tokens=False)
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

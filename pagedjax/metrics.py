@@ -33,8 +33,9 @@ class EngineMetrics:
     def on_request_finished(self, reason: str, parent: Any = None, req: Any = None) -> None:
         self.finished[reason] += 1
 
-    def on_step(self, num_tokens: int, num_sampled: int, num_preempted: int, kv: KVCacheStats,
-                seconds: float) -> None:
+    def on_step(
+        self, num_tokens: int, num_sampled: int, num_preempted: int, kv: KVCacheStats, seconds: float
+    ) -> None:
         self.num_steps += 1
         self.scheduled_tokens += num_tokens
         self.generation_tokens += num_sampled

@@ -62,8 +62,19 @@ def _cap(s, soft_cap):
     return s if soft_cap is None else soft_cap * jnp.tanh(s / soft_cap)
 
 
-def _decode_attention(q, k_cache, v_cache, layer, block_tables, context_lens, *, scale, sliding_window,
-                      soft_cap, pages_per_chunk):
+def _decode_attention(
+    q,
+    k_cache,
+    v_cache,
+    layer,
+    block_tables,
+    context_lens,
+    *,
+    scale,
+    sliding_window,
+    soft_cap,
+    pages_per_chunk,
+):
     """q: [D, H, Dh], one query per sequence at position context_len - 1."""
     D, H, Dh = q.shape
     _, _, page, KV, _ = k_cache.shape
@@ -101,8 +112,19 @@ def _decode_attention(q, k_cache, v_cache, layer, block_tables, context_lens, *,
     return out.reshape(D, H, Dh)
 
 
-def _prefill_attention(q, k_cache, v_cache, layer, meta: AttentionMetadata, *, scale, sliding_window,
-                       soft_cap, pages_per_chunk, q_block):
+def _prefill_attention(
+    q,
+    k_cache,
+    v_cache,
+    layer,
+    meta: AttentionMetadata,
+    *,
+    scale,
+    sliding_window,
+    soft_cap,
+    pages_per_chunk,
+    q_block,
+):
     """q: [Tq, H, Dh] packed prefill rows; causal within each sequence, reading keys from the pool."""
     Tq, H, Dh = q.shape
     _, _, page, KV, _ = k_cache.shape
@@ -184,8 +206,9 @@ def paged_attention(
     parts = []
     if D:
         parts.append(
-            _decode_attention(q[:D], k_cache, v_cache, layer, meta.decode_block_tables, meta.decode_context_lens,
-                              **kw)
+            _decode_attention(
+                q[:D], k_cache, v_cache, layer, meta.decode_block_tables, meta.decode_context_lens, **kw
+            )
         )
     if T > D:
         parts.append(_prefill_attention(q[D:], k_cache, v_cache, layer, meta, q_block=q_block, **kw))

@@ -91,4 +91,6 @@ class KVCacheManager:
             for p in table:
                 owners[p] += 1
         for p, n in enumerate(owners):
-            assert n == self.pool.ref_counts[p], f"page {p}: {n} owners but ref count {self.pool.ref_counts[p]}"
+            assert n == self.pool.ref_counts[p], (
+                f"page {p}: {n} owners but ref count {self.pool.ref_counts[p]}"
+            )

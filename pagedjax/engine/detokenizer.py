@@ -14,8 +14,14 @@ _WINDOW = 5
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, prompt_ids: list[int], skip_special_tokens: bool = True,
-                 stop: list[str] | None = None, include_stop_str_in_output: bool = False):
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_ids: list[int],
+        skip_special_tokens: bool = True,
+        stop: list[str] | None = None,
+        include_stop_str_in_output: bool = False,
+    ):
         self.tokenizer = tokenizer
         self.ids = list(prompt_ids[-_WINDOW:]) if tokenizer is not None else []
         self.prefix_offset = 0
@@ -34,12 +40,12 @@ class IncrementalDetokenizer:
         if self.tokenizer is None:
             return None
         self.ids.append(token_id)
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset:])
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return None
         before = len(self.text)
-        self.text += full[len(prefix):]
+        self.text += full[len(prefix) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         if not self.stop:
             return None

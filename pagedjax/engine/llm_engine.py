@@ -65,8 +65,9 @@ class LLMEngine:
         sched = config.scheduler
         if sched.max_num_batched_tokens < 2:
             raise ValueError("max_num_batched_tokens must be >= 2")
-        self.runner = ModelRunner(self.model_config, self.model.params, config.cache, sched, config.dtype,
-                                  config.attention_backend)
+        self.runner = ModelRunner(
+            self.model_config, self.model.params, config.cache, sched, config.dtype, config.attention_backend
+        )
         self.kv_cache = KVCacheManager(self.runner.num_pages, config.cache.block_size)
         self.scheduler = Scheduler(sched, self.kv_cache)
         self.metrics = EngineMetrics()
@@ -84,28 +85,55 @@ class LLMEngine:
 
     # ------------------------------------------------------------------------------ construction
     @classmethod
-    def from_args(cls, model: str | None = None, *, dtype: str = "auto", seed: int = 0, block_size: int = 16,
-                  kv_cache_memory: int | None = None, gpu_memory_utilization: float = 0.85,
-                  num_kv_pages: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
-                  max_model_len: int | None = None, max_num_prefill_seqs: int = 32,
-                  scheduling_policy: str = "fcfs", attention_backend: str = "auto", warmup: bool = True,
-                  compilation_cache_dir: str | None = None) -> LLMEngine:
+    def from_args(
+        cls,
+        model: str | None = None,
+        *,
+        dtype: str = "auto",
+        seed: int = 0,
+        block_size: int = 16,
+        kv_cache_memory: int | None = None,
+        gpu_memory_utilization: float = 0.85,
+        num_kv_pages: int | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 512,
+        max_model_len: int | None = None,
+        max_num_prefill_seqs: int = 32,
+        scheduling_policy: str = "fcfs",
+        attention_backend: str = "auto",
+        warmup: bool = True,
+        compilation_cache_dir: str | None = None,
+    ) -> LLMEngine:
         if dtype == "auto":
             dtype = "bfloat16"
         enable_compilation_cache(compilation_cache_dir)
         loaded = load_model(model, dtype)
         max_len = max_model_len or loaded.config.max_position_embeddings
         if max_len > loaded.config.max_position_embeddings:
-            raise ValueError(f"max_model_len ({max_len}) exceeds the model's max_position_embeddings "
-                             f"({loaded.config.max_position_embeddings})")
+            raise ValueError(
+                f"max_model_len ({max_len}) exceeds the model's max_position_embeddings "
+                f"({loaded.config.max_position_embeddings})"
+            )
         cfg = EngineConfig(
-            model=model, dtype=dtype, seed=seed,
-            cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
-                              gpu_memory_utilization=gpu_memory_utilization, num_pages=num_kv_pages),
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                      max_model_len=max_len, max_num_prefill_seqs=max_num_prefill_seqs,
-                                      policy=scheduling_policy),
-            attention_backend=attention_backend, warmup=warmup, compilation_cache_dir=compilation_cache_dir,
+            model=model,
+            dtype=dtype,
+            seed=seed,
+            cache=CacheConfig(
+                block_size=block_size,
+                kv_cache_memory=kv_cache_memory,
+                gpu_memory_utilization=gpu_memory_utilization,
+                num_pages=num_kv_pages,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_model_len=max_len,
+                max_num_prefill_seqs=max_num_prefill_seqs,
+                policy=scheduling_policy,
+            ),
+            attention_backend=attention_backend,
+            warmup=warmup,
+            compilation_cache_dir=compilation_cache_dir,
         )
         return cls(cfg, loaded)
 
@@ -122,10 +150,18 @@ class LLMEngine:
             return prompt, list(self.tokenizer.encode(prompt))
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in prompt):
             return None, [int(t) for t in prompt]
-        raise InvalidRequestError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt)}")
+        raise InvalidRequestError(
+            f"prompt must be a string, a list of token ids or a dict, got {type(prompt)}"
+        )
 
-    def add_request(self, request_id: str | None, prompt: PromptType, params: SamplingParams | None = None,
-                    arrival_time: float | None = None, priority: int = 0) -> str:
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt: PromptType,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+        priority: int = 0,
+    ) -> str:
         """Queue a request; raises InvalidRequestError (a ValueError) without touching other requests."""
         params = params or SamplingParams()
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
@@ -149,13 +185,28 @@ class LLMEngine:
         children, detoks = [], []
         for i in range(n_children):
             cid = request_id if n_children == 1 else f"{request_id}#{i}"
-            child = Request(cid, ids, params, seed=_child_seed(base_seed, i), max_tokens=max_tokens,
-                            priority=priority, arrival_time=arrival, eos_token_ids=self.eos_token_ids)
+            child = Request(
+                cid,
+                ids,
+                params,
+                seed=_child_seed(base_seed, i),
+                max_tokens=max_tokens,
+                priority=priority,
+                arrival_time=arrival,
+                eos_token_ids=self.eos_token_ids,
+            )
             if params.prompt_logprobs is not None:
                 child.prompt_logprobs = [None]
             children.append(child)
-            detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
-                                                 params.include_stop_str_in_output))
+            detoks.append(
+                IncrementalDetokenizer(
+                    self.tokenizer,
+                    ids,
+                    params.skip_special_tokens,
+                    params.stop,
+                    params.include_stop_str_in_output,
+                )
+            )
         parent = _ParentRequest(request_id, text, ids, params, children, detoks, arrival)
         for child in children:
             self.scheduler.add_request(child)
@@ -209,8 +260,13 @@ class LLMEngine:
             parent = self._parents[self._child_to_parent[req.request_id]]
             touched[parent.request_id] = parent
             self._append_token(parent, req, token, result.logprobs.get(req.request_id), now)
-        self.metrics.on_step(sched_out.num_tokens, len(result.sampled), len(sched_out.preempted),
-                             self.kv_cache.stats(), time.perf_counter() - t0)
+        self.metrics.on_step(
+            sched_out.num_tokens,
+            len(result.sampled),
+            len(sched_out.preempted),
+            self.kv_cache.stats(),
+            time.perf_counter() - t0,
+        )
         outputs = [self._make_output(p) for p in touched.values()]
         for p in touched.values():
             if p.finished:
@@ -237,7 +293,9 @@ class LLMEngine:
                 status = RequestStatus.FINISHED_STOPPED
             elif stop_str is not None:
                 status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
-        if status is None and (n_out >= req.max_tokens or req.num_tokens >= self.scheduler.config.max_model_len):
+        if status is None and (
+            n_out >= req.max_tokens or req.num_tokens >= self.scheduler.config.max_model_len
+        ):
             status = RequestStatus.FINISHED_LENGTH
         if status is not None:
             req.finished_time = now
@@ -249,13 +307,22 @@ class LLMEngine:
         sp = parent.params
         outs = []
         for i, (child, detok) in enumerate(zip(parent.children, parent.detoks, strict=True)):
-            cum = float(sum(lp[t] for lp, t in zip(child.logprobs, child.output_token_ids, strict=False))) \
-                if child.logprobs else None
-            outs.append(CompletionOutput(
-                index=i, text=detok.text, token_ids=list(child.output_token_ids), cumulative_logprob=cum,
-                logprobs=list(child.logprobs) if sp.logprobs is not None else None,
-                finish_reason=child.finish_reason, stop_reason=child.stop_reason,
-            ))
+            cum = (
+                float(sum(lp[t] for lp, t in zip(child.logprobs, child.output_token_ids, strict=False)))
+                if child.logprobs
+                else None
+            )
+            outs.append(
+                CompletionOutput(
+                    index=i,
+                    text=detok.text,
+                    token_ids=list(child.output_token_ids),
+                    cumulative_logprob=cum,
+                    logprobs=list(child.logprobs) if sp.logprobs is not None else None,
+                    finish_reason=child.finish_reason,
+                    stop_reason=child.stop_reason,
+                )
+            )
         finished = parent.finished
         if sp.best_of and sp.best_of > sp.n:
             if not finished:
@@ -267,16 +334,24 @@ class LLMEngine:
         first = parent.children[0]
         metrics = RequestMetrics(
             arrival_time=parent.arrival_time,
-            first_scheduled_time=min((c.first_scheduled_time for c in parent.children
-                                      if c.first_scheduled_time is not None), default=None),
-            first_token_time=min((c.first_token_time for c in parent.children if c.first_token_time is not None),
-                                 default=None),
+            first_scheduled_time=min(
+                (c.first_scheduled_time for c in parent.children if c.first_scheduled_time is not None),
+                default=None,
+            ),
+            first_token_time=min(
+                (c.first_token_time for c in parent.children if c.first_token_time is not None), default=None
+            ),
             finished_time=max((c.finished_time or 0.0) for c in parent.children) if finished else None,
             num_preemptions=sum(c.num_preemptions for c in parent.children),
         )
         return RequestOutput(
-            request_id=parent.request_id, prompt=parent.prompt, prompt_token_ids=parent.prompt_token_ids,
-            outputs=outs, finished=finished, prompt_logprobs=first.prompt_logprobs, metrics=metrics,
+            request_id=parent.request_id,
+            prompt=parent.prompt,
+            prompt_token_ids=parent.prompt_token_ids,
+            outputs=outs,
+            finished=finished,
+            prompt_logprobs=first.prompt_logprobs,
+            metrics=metrics,
             num_cached_tokens=parent.num_cached_tokens,
         )
 
@@ -289,8 +364,11 @@ class LLMEngine:
     def get_metrics(self) -> dict[str, Any]:
         stats = self.kv_cache.stats()
         return self.metrics.snapshot(
-            kv_stats=stats, num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            num_compiles=self.runner.num_compiles, compile_seconds=self.runner.compile_seconds,
+            kv_stats=stats,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_compiles=self.runner.num_compiles,
+            compile_seconds=self.runner.compile_seconds,
             num_preemptions=self.scheduler.num_preemptions,
         )
 

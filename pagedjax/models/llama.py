@@ -49,8 +49,9 @@ def compute_logits(params: dict, config: ModelConfig, hidden: jax.Array) -> jax.
     if "lm_head" in params:
         return _matmul(h, params["lm_head"])
     embed = params["embed"]
-    return lax.dot_general(h.astype(embed.dtype), embed, (((1,), (1,)), ((), ())),
-                           preferred_element_type=jnp.float32)
+    return lax.dot_general(
+        h.astype(embed.dtype), embed, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+    )
 
 
 def forward_hidden(

@@ -58,4 +58,6 @@ def load_model(model: str | None, dtype: str) -> LoadedModel:
         raise FileNotFoundError(
             f"model {model!r} is neither a Hugging Face folder (config.json + safetensors) nor a .gguf file"
         )
-    return LoadedModel(name=name, config=config, params=build_params(tensors, config, dtype), tokenizer=tokenizer)
+    return LoadedModel(
+        name=name, config=config, params=build_params(tensors, config, dtype), tokenizer=tokenizer
+    )

@@ -29,5 +29,6 @@ def get_forward(config: ModelConfig) -> Callable:
         return _ARCHITECTURES[config.architecture]
     except KeyError:
         raise UnsupportedArchitectureError(
-            f"architecture {config.architecture!r} is not supported; supported: {', '.join(supported_architectures())}"
+            f"architecture {config.architecture!r} is not supported; "
+            f"supported: {', '.join(supported_architectures())}"
         ) from None

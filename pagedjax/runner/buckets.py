@@ -39,11 +39,19 @@ class StepShape:
 
 
 class BucketPolicy:
-    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, max_num_prefill_seqs: int,
-                 min_decode_bucket: int = 8, min_prefill_bucket: int = 16):
+    def __init__(
+        self,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_num_prefill_seqs: int,
+        min_decode_bucket: int = 8,
+        min_prefill_bucket: int = 16,
+    ):
         self.decode_buckets = [0, *power_of_two_buckets(min(min_decode_bucket, max_num_seqs), max_num_seqs)]
-        self.prefill_buckets = [0, *power_of_two_buckets(min(min_prefill_bucket, max_num_batched_tokens),
-                                                          max_num_batched_tokens)]
+        self.prefill_buckets = [
+            0,
+            *power_of_two_buckets(min(min_prefill_bucket, max_num_batched_tokens), max_num_batched_tokens),
+        ]
         self.max_num_prefill_seqs = max_num_prefill_seqs
 
     def shape_for(self, num_decodes: int, num_prefill_tokens: int) -> StepShape:

@@ -33,8 +33,9 @@ def kv_budget_bytes(cache: CacheConfig, weight_bytes: int) -> int:
     return DEFAULT_CPU_KV_BYTES
 
 
-def num_pages_for(model: ModelConfig, cache: CacheConfig, dtype: jnp.dtype, weight_bytes: int,
-                  max_useful_pages: int) -> int:
+def num_pages_for(
+    model: ModelConfig, cache: CacheConfig, dtype: jnp.dtype, weight_bytes: int, max_useful_pages: int
+) -> int:
     """Pages the pool gets: from the budget, but never more than can ever be in use at once."""
     if cache.num_pages is not None:
         return cache.num_pages

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -22,12 +21,14 @@ from pagedjax.models.registry import get_forward
 from pagedjax.runner.buckets import BucketPolicy, StepShape
 from pagedjax.runner.kv_cache import allocate_kv_cache, num_pages_for
 from pagedjax.sampling.metadata import SamplingRow, build_sampling_tensors
-from pagedjax.sampling.sampler import sample
+from pagedjax.sampling.sampler import compute_logprobs, sample
 from pagedjax.sampling_params import SamplingParams
 from pallas_kernels import AttentionMetadata, get_attention_backend
 
 # Rows that sample nothing (padding, unfinished prefill chunks): greedy, no penalties, no extra compile.
-_PAD_ROW = SamplingRow(params=SamplingParams(temperature=0.0), prompt_ids=(), output_ids=(), seed=0, blocked_ids=())
+_PAD_ROW = SamplingRow(
+    params=SamplingParams(temperature=0.0), prompt_ids=(), output_ids=(), seed=0, blocked_ids=()
+)
 PAGES_PER_CHUNK = 8  # KV pages per attention loop iteration (see pallas_kernels/reference.py)
 
 
@@ -43,17 +44,19 @@ class StepResult:
     logits: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
 
 
-@partial(jax.jit, static_argnames=("n",))
-def _prompt_logprobs(logits: jax.Array, next_ids: jax.Array, n: int):
-    lp = jax.nn.log_softmax(logits, axis=-1)
-    tok = jnp.take_along_axis(lp, next_ids[:, None], axis=-1)[:, 0]
-    top_lp, top_ids = jax.lax.top_k(lp, n) if n else (lp[:, :0], jnp.zeros((lp.shape[0], 0), jnp.int32))
-    return tok, top_ids, top_lp
+_prompt_logprobs = jax.jit(compute_logprobs, static_argnames=("num_logprobs",))
 
 
 class ModelRunner:
-    def __init__(self, config: ModelConfig, params: dict, cache: CacheConfig, sched: SchedulerConfig,
-                 dtype: str, attention_backend: str = "auto"):
+    def __init__(
+        self,
+        config: ModelConfig,
+        params: dict,
+        cache: CacheConfig,
+        sched: SchedulerConfig,
+        dtype: str,
+        attention_backend: str = "auto",
+    ):
         self.config = config
         self.params = params
         self.block_size = cache.block_size
@@ -61,10 +64,15 @@ class ModelRunner:
         pages_per_seq = -(-sched.max_model_len // cache.block_size)
         self.max_pages_per_seq = -(-pages_per_seq // PAGES_PER_CHUNK) * PAGES_PER_CHUNK
         weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
-        self.num_pages = num_pages_for(config, cache, self.cache_dtype, weight_bytes,
-                                       max_useful_pages=sched.max_num_seqs * pages_per_seq)
-        self.k_cache, self.v_cache = allocate_kv_cache(config, self.num_pages, cache.block_size, self.cache_dtype)
-        self.buckets = BucketPolicy(sched.max_num_seqs, sched.max_num_batched_tokens, sched.max_num_prefill_seqs)
+        self.num_pages = num_pages_for(
+            config, cache, self.cache_dtype, weight_bytes, max_useful_pages=sched.max_num_seqs * pages_per_seq
+        )
+        self.k_cache, self.v_cache = allocate_kv_cache(
+            config, self.num_pages, cache.block_size, self.cache_dtype
+        )
+        self.buckets = BucketPolicy(
+            sched.max_num_seqs, sched.max_num_batched_tokens, sched.max_num_prefill_seqs
+        )
         self.attention_fn = get_attention_backend(attention_backend)
         forward = get_forward(config)
 
@@ -110,27 +118,29 @@ class ModelRunner:
             n = chunk.num_new_tokens
             table = np.asarray(block_tables[chunk.request.request_id], np.int32)
             pos = np.arange(chunk.start, chunk.end, dtype=np.int32)
-            token_ids[row0:row0 + n] = chunk.request.token_ids_slice(chunk.start, chunk.end)
-            positions[row0:row0 + n] = pos
-            slot_pages[row0:row0 + n] = table[pos // bs]
-            slot_offsets[row0:row0 + n] = pos % bs
+            token_ids[row0 : row0 + n] = chunk.request.token_ids_slice(chunk.start, chunk.end)
+            positions[row0 : row0 + n] = pos
+            slot_pages[row0 : row0 + n] = table[pos // bs]
+            slot_offsets[row0 : row0 + n] = pos % bs
             return table
 
         for i, ch in enumerate(out.decodes):
             table = fill(i, ch)
-            d_tables[i, :len(table)] = table
+            d_tables[i, : len(table)] = table
             d_ctx[i] = ch.end
             logits_idx[i] = i
         row = 0
         for j, ch in enumerate(out.prefills):
             table = fill(D + row, ch)
-            p_tables[j, :len(table)] = table
+            p_tables[j, : len(table)] = table
             p_ctx[j] = ch.end
             p_start[j] = row
             p_len[j] = ch.num_new_tokens
             row += ch.num_new_tokens
             logits_idx[D + j] = D + row - 1
-        meta = AttentionMetadata(d_tables, d_ctx, p_tables, p_ctx, p_start, p_len, np.int32(len(out.prefills)))
+        meta = AttentionMetadata(
+            d_tables, d_ctx, p_tables, p_ctx, p_start, p_len, np.int32(len(out.prefills))
+        )
         return StepInputs(token_ids, positions, slot_pages, slot_offsets, logits_idx, meta)
 
     # ------------------------------------------------------------------------------ execution
@@ -141,8 +151,11 @@ class ModelRunner:
         row_of = list(range(len(out.decodes))) + [shape.decode_rows + j for j in range(len(out.prefills))]
         want_prompt_lp = [
             c for c in out.prefills if c.request.sampling_params.prompt_logprobs is not None
-        ] + [c for c in out.decodes if c.request.sampling_params.prompt_logprobs is not None
-             and c.start < c.request.num_prompt_tokens]
+        ] + [
+            c
+            for c in out.decodes
+            if c.request.sampling_params.prompt_logprobs is not None and c.start < c.request.num_prompt_tokens
+        ]
         all_logits = bool(want_prompt_lp) or self.capture_logits
 
         t0 = time.perf_counter()
@@ -159,18 +172,31 @@ class ModelRunner:
             if self.capture_logits:
                 host = np.asarray(all_rows)
                 for ch, r0 in zip(chunks, self._row_starts(out, shape), strict=True):
-                    result.logits[ch.request.request_id] = (ch.start, host[r0:r0 + ch.num_new_tokens])
+                    result.logits[ch.request.request_id] = (ch.start, host[r0 : r0 + ch.num_new_tokens])
 
         rows: list[SamplingRow] = [_PAD_ROW] * shape.num_sample_rows
         for ch, r in zip(chunks, row_of, strict=True):
             if ch.samples:
                 rows[r] = self._sampling_row(ch.request)
         tensors, flags = build_sampling_tensors(rows, shape.num_sample_rows)
-        new |= self._note_compile(("sampler", shape.num_sample_rows, flags,
-                                   tuple(x.shape for x in jax.tree_util.tree_leaves(tensors))))
+        new |= self._note_compile(
+            (
+                "sampler",
+                shape.num_sample_rows,
+                flags,
+                tuple(x.shape for x in jax.tree_util.tree_leaves(tensors)),
+            )
+        )
         sampled = sample(logits, tensors, flags)
         tokens = np.asarray(sampled.tokens)  # the step's one host sync
-        if flags.num_logprobs:
+        if any(
+            c.samples
+            and (
+                c.request.sampling_params.logprobs is not None
+                or (c.request.sampling_params.best_of or 1) > c.request.sampling_params.n
+            )
+            for c in chunks
+        ):
             tok_lp = np.asarray(sampled.token_logprobs)
             top_ids, top_lp = np.asarray(sampled.topk_ids), np.asarray(sampled.topk_logprobs)
         for ch, r in zip(chunks, row_of, strict=True):
@@ -178,9 +204,9 @@ class ModelRunner:
                 continue
             rid = ch.request.request_id
             result.sampled[rid] = int(tokens[r])
-            n = ch.request.sampling_params.logprobs
-            if n is not None:
-                lp = {int(top_ids[r, k]): float(top_lp[r, k]) for k in range(n)}
+            sp = ch.request.sampling_params
+            if sp.logprobs is not None or (sp.best_of or 1) > sp.n:
+                lp = {int(top_ids[r, k]): float(top_lp[r, k]) for k in range(sp.logprobs or 0)}
                 lp[int(tokens[r])] = float(tok_lp[r])
                 result.logprobs[rid] = lp
         if new:
@@ -202,14 +228,23 @@ class ModelRunner:
         blocked: list[int] = []
         if req.num_output_tokens < sp.min_tokens:
             blocked = list(sp.stop_token_ids or []) + ([] if sp.ignore_eos else list(req.eos_token_ids))
-        return SamplingRow(params=sp, prompt_ids=req.prompt_token_ids, output_ids=req.output_token_ids,
-                           seed=req.seed, blocked_ids=blocked)
+        return SamplingRow(
+            params=sp,
+            prompt_ids=req.prompt_token_ids,
+            output_ids=req.output_token_ids,
+            seed=req.seed,
+            blocked_ids=blocked,
+        )
 
-    def _prompt_logprobs(self, all_rows, inputs: StepInputs, out: SchedulerOutput, chunks, result: StepResult):
+    def _prompt_logprobs(
+        self, all_rows, inputs: StepInputs, out: SchedulerOutput, chunks, result: StepResult
+    ):
         """Logprob of each prompt token given its prefix (vLLM's prompt_logprobs), for chunks that
         cover prompt positions. Position p's logits score prompt token p + 1."""
         shape = self.buckets.shape_for(len(out.decodes), sum(c.num_new_tokens for c in out.prefills))
-        starts = {c.request.request_id: r for c, r in zip(out.chunks, self._row_starts(out, shape), strict=True)}
+        starts = {
+            c.request.request_id: r for c, r in zip(out.chunks, self._row_starts(out, shape), strict=True)
+        }
         next_ids = np.zeros(all_rows.shape[0], np.int32)
         spans = []
         n = max(c.request.sampling_params.prompt_logprobs for c in chunks)
@@ -220,7 +255,9 @@ class ModelRunner:
             for pos in range(ch.start, last):
                 next_ids[r0 + pos - ch.start] = req.prompt_token_ids[pos + 1]
             spans.append((req, r0, ch.start, last))
-        tok, top_ids, top_lp = (np.asarray(x) for x in _prompt_logprobs(all_rows, jnp.asarray(next_ids), n))
+        tok, top_ids, top_lp = (
+            np.asarray(x) for x in _prompt_logprobs(all_rows, jnp.asarray(next_ids), num_logprobs=n)
+        )
         for req, r0, start, last in spans:
             k = req.sampling_params.prompt_logprobs
             entries = result.prompt_logprobs.setdefault(req.request_id, [])
@@ -240,15 +277,27 @@ class ModelRunner:
         for shape in shapes or self.buckets.all_shapes():
             T = shape.num_tokens
             meta = empty_metadata(shape.decode_rows, shape.prefill_seqs, self.max_pages_per_seq)
-            inputs = StepInputs(np.zeros(T, np.int32), np.zeros(T, np.int32), np.full(T, self.num_pages, np.int32),
-                                np.zeros(T, np.int32), np.zeros(shape.num_sample_rows, np.int32), meta)
+            inputs = StepInputs(
+                np.zeros(T, np.int32),
+                np.zeros(T, np.int32),
+                np.full(T, self.num_pages, np.int32),
+                np.zeros(T, np.int32),
+                np.zeros(shape.num_sample_rows, np.int32),
+                meta,
+            )
             logits, self.k_cache, self.v_cache = self._model_step(
                 self.params, self.k_cache, self.v_cache, inputs, all_logits=False
             )
             tensors, flags = build_sampling_tensors([_PAD_ROW] * shape.num_sample_rows, shape.num_sample_rows)
             sample(logits, tensors, flags).tokens.block_until_ready()
             n += self._note_compile(("model", shape, False))
-            self._note_compile(("sampler", shape.num_sample_rows, flags,
-                                tuple(x.shape for x in jax.tree_util.tree_leaves(tensors))))
+            self._note_compile(
+                (
+                    "sampler",
+                    shape.num_sample_rows,
+                    flags,
+                    tuple(x.shape for x in jax.tree_util.tree_leaves(tensors)),
+                )
+            )
         self.compile_seconds += time.perf_counter() - t0
         return n
