@@ -47,8 +47,16 @@ def _run_engine_capturing(engine: LLMEngine, prompts: list[list[int]], max_token
 @pytest.mark.parametrize("variant,overrides", VARIANTS, ids=[v for v, _ in VARIANTS])
 def test_logits_match_hf_through_paged_cache(variant, overrides, model_dir, hf_model):
     path = model_dir(variant, **overrides)
-    engine = LLMEngine.from_args(path, dtype="float32", block_size=4, num_kv_pages=64, max_num_seqs=4,
-                                 max_num_batched_tokens=16, warmup=False, compilation_cache_dir="off")
+    engine = LLMEngine.from_args(
+        path,
+        dtype="float32",
+        block_size=4,
+        num_kv_pages=64,
+        max_num_seqs=4,
+        max_num_batched_tokens=16,
+        warmup=False,
+        compilation_cache_dir="off",
+    )
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 500, size=n).tolist() for n in (1, 7, 23, 13)]
     ids, logits, outputs, mixed = _run_engine_capturing(engine, prompts, max_tokens=6)
@@ -86,8 +94,17 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
     from pagedjax.models.loader import load_model
     from pagedjax.models.registry import UnsupportedArchitectureError
 
-    (tmp_path / "config.json").write_text(json.dumps({
-        "architectures": ["GPT2LMHeadModel"], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
-        "num_hidden_layers": 1, "num_attention_heads": 2}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["GPT2LMHeadModel"],
+                "vocab_size": 10,
+                "hidden_size": 8,
+                "intermediate_size": 8,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+            }
+        )
+    )
     with pytest.raises(UnsupportedArchitectureError, match="LlamaForCausalLM"):
         load_model(str(tmp_path), "float32")
