@@ -6,8 +6,12 @@ The KV pool buffers are donated to the step and come back updated in place.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +84,9 @@ class ModelRunner:
             return forward(params, config, k_cache, v_cache, inputs, self.attention_fn, all_logits)
 
         self._model_step = jax.jit(model_step, static_argnames=("all_logits",), donate_argnums=(1, 2))
+        # Ahead-of-time compiled step programs, one per (bucket shape, all_logits); see _executable.
+        self._executables: dict[tuple[StepShape, bool], Any] = {}
+        self._compile_lock = threading.Lock()
         self._compiled: set[tuple] = set()
         self.compile_seconds = 0.0
         # Research/test hook: also return every scheduled token's logits (costs a [T, V] matmul).
@@ -159,10 +166,9 @@ class ModelRunner:
         all_logits = bool(want_prompt_lp) or self.capture_logits
 
         t0 = time.perf_counter()
-        new = self._note_compile(("model", shape, all_logits))
-        logits, self.k_cache, self.v_cache = self._model_step(
-            self.params, self.k_cache, self.v_cache, inputs, all_logits=all_logits
-        )
+        new = (shape, all_logits) not in self._executables
+        step = self._executable(shape, all_logits)
+        logits, self.k_cache, self.v_cache = step(self.params, self.k_cache, self.v_cache, inputs)
         result = StepResult()
         if all_logits:
             all_rows = logits
@@ -267,37 +273,52 @@ class ModelRunner:
                 d[int(next_ids[r])] = float(tok[r])
                 entries.append((pos + 1, d))
 
-    # ------------------------------------------------------------------------------ warm-up
-    def warmup(self, shapes: list[StepShape] | None = None) -> int:
-        """Compile the model step for every bucket shape (and the greedy sampler per row count)."""
+    # ------------------------------------------------------------------------------ compilation
+    def _example_inputs(self, shape: StepShape) -> StepInputs:
+        """All-padding inputs of a bucket shape (every K/V write is dropped)."""
         from pallas_kernels import empty_metadata
 
+        T = shape.num_tokens
+        meta = empty_metadata(shape.decode_rows, shape.prefill_seqs, self.max_pages_per_seq)
+        z = np.zeros(T, np.int32)
+        return StepInputs(
+            z, z, np.full(T, self.num_pages, np.int32), z, np.zeros(shape.num_sample_rows, np.int32), meta
+        )
+
+    def _executable(self, shape: StepShape, all_logits: bool):
+        """The compiled step program for a bucket shape, compiled on first use (thread-safe).
+
+        Compiling ahead of time (lower + compile) instead of relying on jit's cache lets warm-up
+        compile several shapes in parallel threads and makes the compile counter exact.
+        """
+        key = (shape, all_logits)
+        exe = self._executables.get(key)
+        if exe is None:
+            lowered = self._model_step.lower(
+                self.params, self.k_cache, self.v_cache, self._example_inputs(shape), all_logits=all_logits
+            )
+            exe = lowered.compile()
+            with self._compile_lock:
+                exe = self._executables.setdefault(key, exe)
+                self._compiled.add(("model", shape, all_logits))
+        return exe
+
+    def warmup(self, shapes: list[StepShape] | None = None, threads: int | None = None) -> int:
+        """Compile the step program of every bucket shape (XLA compiles are single-threaded, so
+        they run in parallel threads), then the greedy sampler for every row count."""
+        shapes = shapes or self.buckets.all_shapes()
         t0 = time.perf_counter()
-        n = 0
-        for shape in shapes or self.buckets.all_shapes():
-            T = shape.num_tokens
-            meta = empty_metadata(shape.decode_rows, shape.prefill_seqs, self.max_pages_per_seq)
-            inputs = StepInputs(
-                np.zeros(T, np.int32),
-                np.zeros(T, np.int32),
-                np.full(T, self.num_pages, np.int32),
-                np.zeros(T, np.int32),
-                np.zeros(shape.num_sample_rows, np.int32),
-                meta,
-            )
-            logits, self.k_cache, self.v_cache = self._model_step(
-                self.params, self.k_cache, self.v_cache, inputs, all_logits=False
-            )
-            tensors, flags = build_sampling_tensors([_PAD_ROW] * shape.num_sample_rows, shape.num_sample_rows)
-            sample(logits, tensors, flags).tokens.block_until_ready()
-            n += self._note_compile(("model", shape, False))
+        before = len(self._executables)
+        threads = threads or max(1, min(len(shapes), os.cpu_count() or 1))
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda sh: self._executable(sh, False), shapes))
+        for rows in sorted({sh.num_sample_rows for sh in shapes}):
+            tensors, flags = build_sampling_tensors([_PAD_ROW] * rows, rows)
+            sample(
+                jnp.zeros((rows, self.config.vocab_size), jnp.float32), tensors, flags
+            ).tokens.block_until_ready()
             self._note_compile(
-                (
-                    "sampler",
-                    shape.num_sample_rows,
-                    flags,
-                    tuple(x.shape for x in jax.tree_util.tree_leaves(tensors)),
-                )
+                ("sampler", rows, flags, tuple(x.shape for x in jax.tree_util.tree_leaves(tensors)))
             )
         self.compile_seconds += time.perf_counter() - t0
-        return n
+        return len(self._executables) - before
