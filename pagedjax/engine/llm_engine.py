@@ -228,6 +228,10 @@ class LLMEngine:
                 self._child_to_parent.pop(child.request_id, None)
             self.metrics.on_request_finished("abort")
 
+    def abort(self, request_id: str | list[str]) -> None:
+        """Alias of abort_request."""
+        self.abort_request(request_id)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents)
 
