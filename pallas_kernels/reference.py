@@ -232,6 +232,10 @@ def paged_attention(
     Decode rows and prefill rows are handled by two loops so that neither pays for the other's shape.
     Returns [T, H, Dh] float32; padding rows are zero.
     """
+    meta = jax.tree_util.tree_map(jnp.asarray, meta)  # numpy metadata works eagerly too
+    for table in (meta.decode_block_tables, meta.prefill_block_tables):
+        if table.shape[0] and table.shape[1] % min(pages_per_chunk, table.shape[1]):
+            raise ValueError(f"block table width {table.shape[1]} must be a multiple of pages_per_chunk")
     D = meta.num_decode_rows
     T = q.shape[0]
     ppc = min(pages_per_chunk, meta.decode_block_tables.shape[1])

@@ -39,6 +39,12 @@ def load_model(model: str | None, dtype: str) -> LoadedModel:
         path, name = default_model_path(), DEFAULT_MODEL_NAME
     else:
         path, name = model, model
+    from pagedjax.models.checkpoint import is_checkpoint, load_checkpoint
+
+    if is_checkpoint(path):
+        loaded = load_checkpoint(path, dtype)
+        get_forward(loaded.config)
+        return loaded
     gguf_path = _find_gguf(path)
     if gguf_path is not None:
         from pagedjax.models.loader_gguf import load_gguf_tokenizer, read_gguf
@@ -56,7 +62,8 @@ def load_model(model: str | None, dtype: str) -> LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(path)
     else:
         raise FileNotFoundError(
-            f"model {model!r} is neither a Hugging Face folder (config.json + safetensors) nor a .gguf file"
+            f"model {model!r} is neither a Hugging Face folder (config.json + safetensors), a .gguf file, "
+            "nor a pagedjax (orbax) checkpoint"
         )
     return LoadedModel(
         name=name, config=config, params=build_params(tensors, config, dtype), tokenizer=tokenizer

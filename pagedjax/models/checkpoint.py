@@ -1,0 +1,74 @@
+"""Save and restore a loaded model (parameter pytree + config + tokenizer) with orbax.
+
+A converted checkpoint skips GGUF dequantisation / safetensors stacking on the next load, and is the
+format a research run writes after changing weights in a notebook:
+
+    save_checkpoint("/tmp/ckpt", llm.llm_engine.model)
+    LLM("/tmp/ckpt")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+
+from pagedjax.config import ModelConfig
+from pagedjax.models.params import resolve_dtype
+
+CONFIG_FILE = "pagedjax_config.json"
+PARAMS_DIR = "params"
+
+
+def is_checkpoint(path: str) -> bool:
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, CONFIG_FILE))
+
+
+def save_checkpoint(path: str, model) -> str:
+    """Write `model` (a LoadedModel) to the folder `path` (created; must not hold a checkpoint)."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(path, PARAMS_DIR), model.params)
+    cfg = dataclasses.asdict(model.config)
+    with open(os.path.join(path, CONFIG_FILE), "w") as f:
+        json.dump({"name": model.name, "config": cfg}, f, indent=2)
+    model.tokenizer.save_pretrained(path)
+    return path
+
+
+def load_checkpoint(path: str, dtype: str):
+    """Restore a checkpoint written by save_checkpoint, casting matmul weights to `dtype`."""
+    import orbax.checkpoint as ocp
+    from transformers import AutoTokenizer
+
+    from pagedjax.models.loader import LoadedModel
+
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+        meta = json.load(f)
+    cfg = meta["config"]
+    for key in ("rope_scaling",):
+        if cfg.get(key) is not None:
+            cfg[key] = tuple(tuple(kv) for kv in cfg[key])
+    cfg["eos_token_ids"] = tuple(cfg.get("eos_token_ids") or ())
+    config = ModelConfig(**cfg)
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(os.path.join(os.path.abspath(path), PARAMS_DIR))
+    dt = resolve_dtype(dtype)
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.asarray(x, jnp.float32 if _is_float32_leaf(p) else dt), params
+    )
+    return LoadedModel(
+        name=meta["name"], config=config, params=params, tokenizer=AutoTokenizer.from_pretrained(path)
+    )
+
+
+def _is_float32_leaf(path) -> bool:
+    """Norm weights and biases stay float32 (see models/params.py)."""
+    name = str(path[-1].key) if hasattr(path[-1], "key") else str(path[-1])
+    return name in ("attn_norm", "mlp_norm", "bqkv", "final_norm")
