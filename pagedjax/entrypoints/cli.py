@@ -99,9 +99,24 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--sampling-seed", type=int, default=None)
     g.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the `serve` extra)")
+    add_engine_args(s)
+    try:
+        from pagedjax.entrypoints.openai.api_server import add_server_args
+    except ImportError:  # fastapi/uvicorn missing: `serve` explains itself when run
+        add_server_args = None
+    if add_server_args is not None:
+        add_server_args(s)
     args = parser.parse_args(argv)
     if args.command == "generate":
         return cmd_generate(args)
+    if args.command == "serve":
+        if add_server_args is None:
+            print("pagedjax serve needs: pip install 'pagedjax[serve]'", file=sys.stderr)
+            return 2
+        from pagedjax.entrypoints.openai.api_server import run_server
+
+        return run_server(args)
     return 2
 
 

@@ -1,0 +1,1 @@
+"""OpenAI-compatible server: `pagedjax serve` / `python -m pagedjax.entrypoints.openai`."""
