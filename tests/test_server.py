@@ -479,7 +479,7 @@ async def _stream_one(client: httpx.AsyncClient, url: str, prompt: str, max_toke
 
 
 def test_concurrent_streams_match_offline(url, setup):
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(24)]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(64)]
 
     async def run():
         async with httpx.AsyncClient(timeout=120) as client:
@@ -493,7 +493,7 @@ def test_disconnects_free_pages_and_server_still_serves(url, oai, setup):
     async def run():
         async with httpx.AsyncClient(timeout=120) as client:
             await asyncio.gather(
-                *(_stream_one(client, url, PROMPTS[i % 8], 100, stop_after=2) for i in range(16))
+                *(_stream_one(client, url, PROMPTS[i % 8], 100, stop_after=2) for i in range(32))
             )
             # non-streaming clients that give up before the answer
             tasks = [

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hmac
 import logging
+import signal
 import sys
 
 from fastapi import FastAPI, Request
@@ -225,6 +226,10 @@ def run_server(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=args.shutdown_timeout,
     )
     server = uvicorn.Server(config)
+    # uvicorn re-raises the captured SIGTERM/SIGINT after its graceful shutdown; a no-op handler turns
+    # that into a normal return, so a SIGTERM'd server exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     logger.info("serving %s on http://%s:%d", names[0], args.host, args.port)
     try:
         server.run()  # SIGTERM/SIGINT: stop accepting, let in-flight requests finish, then return
