@@ -527,39 +527,47 @@ def run_hf(spec: ModelSpec, reqs: list[Request], args, batch_size: int | None, m
 
 VLLM_SCRIPT = r"""
 import json, sys, time
-cfg = json.load(open(sys.argv[1]))
-import vllm
-from vllm import LLM, SamplingParams
 
-t0 = time.perf_counter()
-llm = LLM(model=cfg["model"], dtype=cfg["dtype"], max_model_len=cfg["max_model_len"], seed=0,
-          **cfg["llm_kwargs"])
-load_s = time.perf_counter() - t0
 
-def sp(n):
-    return SamplingParams(max_tokens=n, ignore_eos=True, temperature=0, **cfg["sp_kwargs"])
+def main():
+    cfg = json.load(open(sys.argv[1]))
+    import vllm
+    from vllm import LLM, SamplingParams
 
-prompts = [{"prompt_token_ids": ids} for ids in cfg["prompts"]]
-params = [sp(n) for n in cfg["output_lens"]]
-if cfg["warmup"] == "full":
-    llm.generate(prompts, params, use_tqdm=False)
-else:
-    k = min(4, len(prompts))
-    llm.generate([{"prompt_token_ids": p["prompt_token_ids"][:32]} for p in prompts[:k]], [sp(8)] * k,
-                 use_tqdm=False)
-times, outs = [], None
-for _ in range(cfg["repeats"]):
-    t = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    times.append(time.perf_counter() - t)
-res = {
-    "vllm_version": vllm.__version__,
-    "load_s": load_s,
-    "times_s": times,
-    "output_lens": [len(o.outputs[0].token_ids) for o in outs],
-    "outputs": [list(o.outputs[0].token_ids) for o in outs[: cfg["check_n"]]],
-}
-json.dump(res, open(sys.argv[2], "w"))
+    t0 = time.perf_counter()
+    llm = LLM(model=cfg["model"], dtype=cfg["dtype"], max_model_len=cfg["max_model_len"], seed=0,
+              **cfg["llm_kwargs"])
+    load_s = time.perf_counter() - t0
+
+    def sp(n):
+        return SamplingParams(max_tokens=n, ignore_eos=True, temperature=0, **cfg["sp_kwargs"])
+
+    prompts = [{"prompt_token_ids": ids} for ids in cfg["prompts"]]
+    params = [sp(n) for n in cfg["output_lens"]]
+    if cfg["warmup"] == "full":
+        llm.generate(prompts, params, use_tqdm=False)
+    else:
+        k = min(4, len(prompts))
+        llm.generate([{"prompt_token_ids": p["prompt_token_ids"][:32]} for p in prompts[:k]], [sp(8)] * k,
+                     use_tqdm=False)
+    times, outs = [], None
+    for _ in range(cfg["repeats"]):
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        times.append(time.perf_counter() - t)
+    res = {
+        "vllm_version": vllm.__version__,
+        "load_s": load_s,
+        "times_s": times,
+        "output_lens": [len(o.outputs[0].token_ids) for o in outs],
+        "outputs": [list(o.outputs[0].token_ids) for o in outs[: cfg["check_n"]]],
+    }
+    json.dump(res, open(sys.argv[2], "w"))
+
+
+# vLLM starts its engine core with multiprocessing "spawn": the entry point must be guarded.
+if __name__ == "__main__":
+    main()
 """
 
 
