@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sys
 import threading
 import time
 
@@ -547,3 +548,38 @@ def test_metrics_exposition(url, oai):
         'pagedjax:request_success_total{finished_reason="length"',
     ):
         assert name in text, name
+
+
+def test_benchmark_serving_script(url, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "benchmark_serving.py"
+    spec = importlib.util.spec_from_file_location("benchmark_serving", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["benchmark_serving"] = mod  # dataclasses need the module registered
+    spec.loader.exec_module(mod)
+    out = tmp_path / "bench.json"
+    rc = mod.main(
+        [
+            "--base-url",
+            url,
+            "--num-prompts",
+            "6",
+            "--random-input-len",
+            "8",
+            "--random-output-len",
+            "6",
+            "--vocab-size",
+            "500",
+            "--request-rate",
+            "50",
+            "--max-concurrency",
+            "4",
+            "--output-json",
+            str(out),
+        ]
+    )
+    s = json.loads(out.read_text())
+    assert rc == 0 and s["completed"] == 6 and s["failed"] == 0
+    assert s["total_output_tokens"] == 36 and s["mean_ttft_ms"] > 0 and s["p99_itl_ms"] > 0
