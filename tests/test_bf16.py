@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pagedjax import LLMEngine, SamplingParams
+from pagedjax import LLMEngine
+from pagedjax.testing.capture import run_capturing_logits
 
 
 def test_bfloat16_logits_close_to_float32_reference(model_dir, hf_model):
@@ -21,26 +22,15 @@ def test_bfloat16_logits_close_to_float32_reference(model_dir, hf_model):
         compilation_cache_dir="off",
     )
     assert engine.runner.k_cache.dtype == np.uint16  # bf16 bit patterns, see pallas_kernels.reference
-    engine.runner.capture_logits = True
     rng = np.random.default_rng(1)
     prompts = [rng.integers(3, 500, size=n).tolist() for n in (5, 19, 33)]
-    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
-    ids = [engine.add_request(None, {"prompt_token_ids": p}, params) for p in prompts]
-    logits = {i: {} for i in ids}
-    outputs = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                outputs[out.request_id] = out.outputs[0].token_ids
-        for rid, (start, rows) in engine.last_step_result.logits.items():
-            for k, row in enumerate(rows):
-                logits[rid][start + k] = row
+    run = run_capturing_logits(engine, prompts, max_tokens=5)
     hf = hf_model(path)
-    for rid, prompt in zip(ids, prompts, strict=True):
-        seq = prompt + outputs[rid]
+    for rid, prompt in zip(run.request_ids, prompts, strict=True):
+        seq = prompt + run.outputs[rid]
         with torch.no_grad():
             ref = hf(torch.tensor([seq])).logits[0].numpy()[: len(seq) - 1]
-        ours = np.stack([logits[rid][p] for p in range(len(seq) - 1)])
+        ours = run.logits_array(rid, len(seq) - 1)
         scale = np.abs(ref).max()
         # bf16 has 8 mantissa bits (~0.4% per rounding); a 2-layer model stays within a few percent.
         assert np.abs(ours - ref).max() <= 0.05 * scale, np.abs(ours - ref).max() / scale

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from pagedjax import LLMEngine, SamplingParams
+from pagedjax import LLMEngine
+from pagedjax.testing.capture import run_capturing_logits
 
 VARIANTS = [
     ("llama", {}),
@@ -21,27 +22,6 @@ VARIANTS = [
     ("mqa", {}),
     ("tied", {}),
 ]
-
-
-def _run_engine_capturing(engine: LLMEngine, prompts: list[list[int]], max_tokens: int):
-    engine.runner.capture_logits = True
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    ids = [engine.add_request(None, {"prompt_token_ids": p}, params) for p in prompts]
-    logits: dict[str, dict[int, np.ndarray]] = {i: {} for i in ids}
-    outputs = {}
-    steps_with_mixed = 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                outputs[out.request_id] = out.outputs[0].token_ids
-        res = engine.last_step_result
-        kinds = set()
-        for rid, (start, rows) in res.logits.items():
-            kinds.add(len(rows) > 1)
-            for k, row in enumerate(rows):
-                logits[rid][start + k] = row
-        steps_with_mixed += kinds == {True, False}
-    return ids, logits, outputs, steps_with_mixed
 
 
 @pytest.mark.parametrize("variant,overrides", VARIANTS, ids=[v for v, _ in VARIANTS])
@@ -59,17 +39,15 @@ def test_logits_match_hf_through_paged_cache(variant, overrides, model_dir, hf_m
     )
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 500, size=n).tolist() for n in (1, 7, 23, 13)]
-    ids, logits, outputs, mixed = _run_engine_capturing(engine, prompts, max_tokens=6)
-    assert mixed > 0, "no step mixed decodes with prefill chunks"
+    run = run_capturing_logits(engine, prompts, max_tokens=6)
+    assert run.mixed_steps > 0, "no step mixed decodes with prefill chunks"
     hf = hf_model(path)
     worst = 0.0
-    for rid, prompt in zip(ids, prompts, strict=True):
-        seq = prompt + outputs[rid]
+    for rid, prompt in zip(run.request_ids, prompts, strict=True):
+        seq = prompt + run.outputs[rid]
         with torch.no_grad():
             ref = hf(torch.tensor([seq])).logits[0].numpy()
-        got = logits[rid]
-        assert sorted(got) == list(range(len(seq) - 1)), "every position's logits captured exactly once"
-        ours = np.stack([got[p] for p in range(len(seq) - 1)])
+        ours = run.logits_array(rid, len(seq) - 1)
         worst = max(worst, float(np.abs(ours - ref[: len(seq) - 1]).max()))
     assert worst <= 1e-4, f"max abs logit difference {worst:.2e}"
 
