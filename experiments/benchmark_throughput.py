@@ -443,9 +443,11 @@ def hf_generate_serial(model, reqs: list[Request]) -> list[list[int]]:
                 ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=r.output_len,
-                min_new_tokens=r.output_len,
                 do_sample=False,
                 pad_token_id=pad,
+                # ignore_eos semantics: no EOS stop and no EOS suppression (min_new_tokens would
+                # mask EOS logits, which pagedjax/vLLM with ignore_eos do not).
+                eos_token_id=None,
             )
             outs.append(o[0, ids.shape[1] :].tolist())
     return outs
@@ -471,9 +473,9 @@ def hf_generate_batched(model, reqs: list[Request], batch_size: int) -> list[lis
                 ids,
                 attention_mask=mask,
                 max_new_tokens=olen,
-                min_new_tokens=olen,
                 do_sample=False,
                 pad_token_id=pad,
+                eos_token_id=None,  # ignore_eos semantics, as in hf_generate_serial
             )
             for i, r in enumerate(batch):
                 outs.append(o[i, plen : plen + r.output_len].tolist())
