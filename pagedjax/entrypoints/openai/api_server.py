@@ -32,7 +32,7 @@ from pagedjax.entrypoints.openai.protocol import (
     TokenizeRequest,
 )
 from pagedjax.entrypoints.openai.serving_chat import create_chat_completion, render_chat
-from pagedjax.entrypoints.openai.serving_common import OpenAIError, ServerState
+from pagedjax.entrypoints.openai.serving_common import ClientDisconnectedError, OpenAIError, ServerState
 from pagedjax.entrypoints.openai.serving_completions import create_completion
 
 logger = logging.getLogger("pagedjax.server")
@@ -93,6 +93,11 @@ def build_app(
             type="not_found" if exc.status_code == 404 else "invalid_request_error",
             headers=getattr(exc, "headers", None),
         )
+
+    @app.exception_handler(ClientDisconnectedError)
+    async def _gone(request: Request, exc: ClientDisconnectedError):
+        # Nobody reads this (nginx's "client closed request" code); the request was aborted.
+        return Response(status_code=499)
 
     @app.exception_handler(EngineDeadError)
     async def _dead(request: Request, exc: EngineDeadError):

@@ -185,6 +185,10 @@ async def listen_for_disconnect(request: Request) -> None:
             return
 
 
+class ClientDisconnectedError(Exception):
+    """The HTTP client went away before its (non-streamed) answer was ready."""
+
+
 async def run_until_disconnect(request: Request, coro, on_disconnect: Callable[[], None]):
     """Await `coro`, but cancel it (and call on_disconnect) if the client goes away first."""
     work = asyncio.ensure_future(coro)
@@ -192,10 +196,14 @@ async def run_until_disconnect(request: Request, coro, on_disconnect: Callable[[
     try:
         await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        watcher.cancel()
         if not work.done():
             work.cancel()
             on_disconnect()
-        watcher.cancel()
+            # Let the cancellation finish: a cancelled-but-pending task has no result to read.
+            await asyncio.gather(work, return_exceptions=True)
+    if work.cancelled():
+        raise ClientDisconnectedError()
     return work.result()
 
 
