@@ -5,22 +5,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pagedjax import LLMEngine
-from pagedjax.testing.capture import run_capturing_logits
+from pagedjax.testing.capture import run_capturing_logits, small_engine
 
 
 def test_bfloat16_logits_close_to_float32_reference(model_dir, hf_model):
     path = model_dir("llama")
-    engine = LLMEngine.from_args(
-        path,
-        dtype="bfloat16",
-        block_size=4,
-        num_kv_pages=64,
-        max_num_seqs=4,
-        max_num_batched_tokens=16,
-        warmup=False,
-        compilation_cache_dir="off",
-    )
+    engine = small_engine(path, dtype="bfloat16")
     assert engine.runner.k_cache.dtype == np.uint16  # bf16 bit patterns, see pallas_kernels.reference
     rng = np.random.default_rng(1)
     prompts = [rng.integers(3, 500, size=n).tolist() for n in (5, 19, 33)]

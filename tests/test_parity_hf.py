@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pagedjax import LLMEngine
-from pagedjax.testing.capture import run_capturing_logits
+from pagedjax.testing.capture import run_capturing_logits, small_engine
 
 VARIANTS = [
     ("llama", {}),
@@ -27,16 +26,7 @@ VARIANTS = [
 @pytest.mark.parametrize("variant,overrides", VARIANTS, ids=[v for v, _ in VARIANTS])
 def test_logits_match_hf_through_paged_cache(variant, overrides, model_dir, hf_model):
     path = model_dir(variant, **overrides)
-    engine = LLMEngine.from_args(
-        path,
-        dtype="float32",
-        block_size=4,
-        num_kv_pages=64,
-        max_num_seqs=4,
-        max_num_batched_tokens=16,
-        warmup=False,
-        compilation_cache_dir="off",
-    )
+    engine = small_engine(path, dtype="float32")
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 500, size=n).tolist() for n in (1, 7, 23, 13)]
     run = run_capturing_logits(engine, prompts, max_tokens=6)

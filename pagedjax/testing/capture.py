@@ -24,6 +24,21 @@ class CapturedRun:
         return np.stack([got[p] for p in range(num_positions)])
 
 
+def small_engine(path: str, dtype: str = "float32", **overrides) -> LLMEngine:
+    """An engine with tiny pages, pool and token budget, so that a few short prompts already
+    exercise chunked prefill and steps that mix decodes with prefill chunks."""
+    kwargs = dict(
+        dtype=dtype,
+        block_size=4,
+        num_kv_pages=64,
+        max_num_seqs=4,
+        max_num_batched_tokens=16,
+        warmup=False,
+        compilation_cache_dir="off",
+    )
+    return LLMEngine.from_args(path, **{**kwargs, **overrides})
+
+
 def run_capturing_logits(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> CapturedRun:
     engine.runner.capture_logits = True
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
