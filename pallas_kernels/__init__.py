@@ -2,32 +2,71 @@
 
 This package stands alone (it imports nothing from pagedjax): a kernel sees query rows, the page
 pool and an `AttentionMetadata`, never the scheduler.
+
+Backends (all share the signature of `reference.paged_attention`):
+  "xla"    plain jax.numpy/lax (reference.py): runs everywhere, the reference for tests.
+  "pallas" Pallas kernels (ragged_paged_attention.py): Triton on GPU, Mosaic on TPU,
+           interpret mode on CPU (slow; for tests).
+  "cpu"    a compiled XLA:CPU FFI kernel (cpu/): reads the pool in place, no gather copies.
+  "auto"   the fastest correct backend for the platform (see `resolve_backend`).
+Each backend lives in its own module and is imported lazily, so a backend that cannot load on this
+machine never breaks the others.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+
+import jax
 
 from pallas_kernels.metadata import AttentionMetadata, empty_metadata
 from pallas_kernels.reference import gather_all_paged_attention, paged_attention, write_kv
 
-BACKENDS = ("auto", "xla")
+BACKENDS = ("auto", "xla", "pallas", "cpu")
+
+# name -> (module, attribute) of the paged-attention function.
+_BACKEND_FUNCTIONS = {
+    "xla": ("pallas_kernels.reference", "paged_attention"),
+    "pallas": ("pallas_kernels.ragged_paged_attention", "paged_attention"),
+    "cpu": ("pallas_kernels.cpu", "paged_attention"),
+}
+
+
+def resolve_backend(name: str = "auto", platform: str | None = None) -> str:
+    """Map "auto" to a concrete backend name for `platform` (default: JAX's default backend)."""
+    if name not in BACKENDS:
+        raise ValueError(f"attention_backend must be one of {BACKENDS}, got {name!r}")
+    if name != "auto":
+        return name
+    platform = platform or jax.default_backend()
+    if platform in ("gpu", "cuda", "rocm", "tpu"):
+        return "pallas"
+    return _auto_cpu_backend()
+
+
+def _auto_cpu_backend() -> str:
+    """On CPU: the compiled FFI kernel when it builds and loads here, else plain XLA."""
+    try:
+        cpu = importlib.import_module("pallas_kernels.cpu")
+    except ImportError:
+        return "xla"
+    return "cpu" if getattr(cpu, "is_available", lambda: False)() else "xla"
 
 
 def get_attention_backend(name: str = "auto") -> Callable:
     """Return the paged-attention function for `name` ("auto" picks the fastest correct one here)."""
-    if name in ("auto", "xla"):
-        return paged_attention
-    if name == "pallas":
-        raise NotImplementedError("the Pallas paged-attention backend is not built yet; use 'xla' or 'auto'")
-    raise ValueError(f"attention_backend must be one of {BACKENDS}, got {name!r}")
+    module, attr = _BACKEND_FUNCTIONS[resolve_backend(name)]
+    return getattr(importlib.import_module(module), attr)
 
 
 __all__ = [
+    "BACKENDS",
     "AttentionMetadata",
     "empty_metadata",
     "gather_all_paged_attention",
     "get_attention_backend",
     "paged_attention",
+    "resolve_backend",
     "write_kv",
 ]
