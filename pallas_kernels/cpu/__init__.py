@@ -1,0 +1,179 @@
+"""Paged attention as an XLA:CPU FFI custom call (C++, paged_attention.cc): reads the page pool in
+place, with no gather copies, on all cores.
+
+The kernel is compiled at first use with the system C++ compiler (`$CXX`, else g++ / c++ / clang++)
+into a cache directory (`$PAGEDJAX_KERNEL_CACHE`, default ~/.cache/pagedjax/kernels), keyed by a hash
+of the source, the flags, the JAX version and the CPU, and built atomically (written to a temporary
+file, then renamed), so concurrent first uses are safe and later processes load it in milliseconds.
+If there is no compiler or the build fails, `is_available()` is False (the reason is logged once and
+kept in `unavailable_reason()`) and the "auto" backend stays on plain XLA.
+
+`PAGEDJAX_CPU_KERNEL=0` disables it; `PAGEDJAX_CPU_ATTN_THREADS=N` caps the helper threads it schedules
+on XLA's intra-op pool (0: run on the calling thread only).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.metadata import AttentionMetadata
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("paged_attention.cc")
+TARGET = "pagedjax_cpu_paged_attention"
+SYMBOL = "PagedJaxPagedAttention"
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fopenmp-simd")
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "lib" | "error" once tried
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("PAGEDJAX_KERNEL_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "pagedjax" / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: a cache shared between machines must not mix CPUs."""
+    sig = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features", "model name")):
+                sig += line
+                if line.startswith(("flags", "Features")):
+                    break
+    except OSError:
+        pass
+    return sig
+
+
+def build(flags: tuple[str, ...] = FLAGS, *, cache_dir: Path | None = None) -> Path:
+    """Compile the kernel (or find it in the cache); returns the shared library's path."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
+    src = SOURCE.read_bytes()
+    include = jax.ffi.include_dir()
+    key = hashlib.sha256()
+    for part in (src, " ".join(flags).encode(), jax.__version__.encode(), cxx.encode(), _cpu_signature().encode()):
+        key.update(part)
+        key.update(b"\0")
+    out_dir = cache_dir or _cache_dir()
+    out = out_dir / f"paged_attention-{key.hexdigest()[:20]}.so"
+    if out.exists():
+        return out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".build-", suffix=".so")
+    os.close(fd)
+    cmd = [cxx, *flags, "-I", include, str(SOURCE), "-o", tmp]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if res.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{res.stderr[-4000:]}")
+        os.replace(tmp, out)  # atomic: readers see the whole library or none
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def load(flags: tuple[str, ...] = FLAGS, target: str = TARGET, *, cache_dir: Path | None = None) -> ctypes.CDLL:
+    """Build (if needed), load and register the kernel under the FFI target name `target`."""
+    lib = ctypes.cdll.LoadLibrary(str(build(flags, cache_dir=cache_dir)))
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, SYMBOL)), platform="cpu")
+    return lib
+
+
+def _ensure_loaded() -> ctypes.CDLL:
+    with _lock:
+        if "lib" in _state:
+            return _state["lib"]
+        if "error" in _state:
+            raise RuntimeError(_state["error"])
+        try:
+            if os.environ.get("PAGEDJAX_CPU_KERNEL", "1") in ("0", "false", "off"):
+                raise RuntimeError("disabled by PAGEDJAX_CPU_KERNEL=0")
+            _state["lib"] = load()
+            return _state["lib"]
+        except Exception as e:  # no compiler, build error, bad jaxlib: fall back, say why once
+            _state["error"] = f"CPU paged-attention kernel unavailable: {e}"
+            log.warning("%s", _state["error"])
+            raise RuntimeError(_state["error"]) from e
+
+
+def is_available() -> bool:
+    """True when the kernel builds (or is cached) and loads here; builds it on first call."""
+    try:
+        _ensure_loaded()
+        return True
+    except RuntimeError:
+        return False
+
+
+def unavailable_reason() -> str | None:
+    return None if is_available() else str(_state.get("error"))
+
+
+def paged_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    layer: jax.Array | int,
+    meta: AttentionMetadata,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    _target: str = TARGET,
+    **ignored,
+) -> jax.Array:
+    """Same contract as `pallas_kernels.reference.paged_attention`: f32 [T, H, Dh], zero padding rows.
+
+    Pools may be float32 or bfloat16 bits (uint16 / bfloat16); values are converted to f32 on load.
+    """
+    if _target == TARGET:
+        _ensure_loaded()
+    if k_cache.dtype not in (jnp.float32, jnp.uint16, jnp.bfloat16):
+        raise TypeError(f"CPU kernel: unsupported pool dtype {k_cache.dtype}")
+    i32 = lambda x: jnp.asarray(x, jnp.int32)
+    call = jax.ffi.ffi_call(_target, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    return call(
+        jnp.asarray(q, jnp.float32),
+        k_cache,
+        v_cache,
+        i32(layer).reshape(()),
+        i32(meta.decode_block_tables),
+        i32(meta.decode_context_lens),
+        i32(meta.prefill_block_tables),
+        i32(meta.prefill_context_lens),
+        i32(meta.prefill_q_start),
+        i32(meta.prefill_q_len),
+        i32(meta.num_prefill_seqs).reshape(()),
+        scale=np.float32(scale),
+        sliding_window=np.int32(sliding_window or 0),
+        soft_cap=np.float32(soft_cap or 0.0),
+    )
+
+
+__all__ = ["build", "is_available", "load", "paged_attention", "unavailable_reason"]

@@ -1,0 +1,551 @@
+// Paged attention for XLA:CPU as an FFI custom call: reads the KV page pool in place.
+//
+// Semantics are those of pallas_kernels/reference.py `paged_attention` (see metadata.py):
+//   q       f32 [T, H, Dh]   decode rows first (D of them), then packed prefill rows
+//   k, v    f32 | u16 | bf16 [L, KV, P, page, Dh]   (u16 = bfloat16 bit patterns)
+//   layer   s32 []           which layer of the pool to read (a traced scalar inside lax.scan)
+//   decode_block_tables s32 [D, MPd], decode_context_lens s32 [D]
+//   prefill_block_tables s32 [Sp, MPp], prefill_context_lens / prefill_q_start / prefill_q_len s32 [Sp]
+//   num_prefill_seqs s32 []
+//   attrs: scale f32, sliding_window s32 (0: none), soft_cap f32 (0: none)
+//   out     f32 [T, H, Dh]   padding rows are zero
+//
+// Work is split into items of (query block, kv head): a decode row is a block of one query row;
+// a prefill sequence is cut into blocks of a few rows. For each item the G = H / KV query heads of
+// the group (times the block's rows) share every K/V row load; keys are walked in blocks of 16
+// logical positions (gathered through the block table straight from the pool, converted to f32
+// into a small L1-resident buffer) with a single-pass online softmax. Items are claimed
+// dynamically by the calling thread and by helpers scheduled on XLA's intra-op thread pool.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define PJ_AVX512 1
+#else
+#define PJ_AVX512 0
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int BK = 16;  // keys per block (one 16-lane score vector per query vector)
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+enum class KvType { kF32, kBF16 };
+
+struct Problem {
+  const float* q;
+  float* out;
+  int T, H, KV, G, Dh, Dhp;  // Dhp: Dh rounded up to 16
+  const void* k;
+  const void* v;
+  KvType kv_type;
+  int64_t P, page;
+  int64_t head_base;  // element offset of (layer, kv head 0, page 0) in the pool
+  int64_t head_stride;  // elements per kv head (P * page * Dh)
+  float scale;
+  float soft_cap;
+  int window;  // 0: none
+};
+
+// One unit of work: `nr` consecutive query rows starting at `row0` (absolute row in q), whose
+// positions are pos0, pos0+1, ..., of one sequence with context `ctx` and block table `table`.
+struct Item {
+  int row0, nr, pos0, ctx;
+  const int32_t* table;
+  int table_len;
+  int h;  // kv head
+  int64_t cost;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Per-thread scratch (grown, never shrunk: no allocation in steady state).
+struct Scratch {
+  std::vector<float> qs, acc, kbuf, vbuf, p, m, l, alpha;
+  void ensure(int M, int Dhp) {
+    auto grow = [](std::vector<float>& v, size_t n) {
+      if (v.size() < n) v.resize(n);
+    };
+    grow(qs, size_t(M) * Dhp);
+    grow(acc, size_t(M) * Dhp);
+    grow(kbuf, size_t(BK) * Dhp);
+    grow(vbuf, size_t(BK) * Dhp);
+    grow(p, size_t(M) * BK);
+    grow(m, M);
+    grow(l, M);
+    grow(alpha, M);
+  }
+};
+
+Scratch& thread_scratch() {
+  static thread_local Scratch s;
+  return s;
+}
+
+// Copy one pool row (Dh values) into a float buffer of Dhp values (zero tail).
+inline void load_row(const Problem& pb, const void* base, int64_t off, float* dst) {
+  const int Dh = pb.Dh;
+  if (pb.kv_type == KvType::kF32) {
+    const float* src = static_cast<const float*>(base) + off;
+#if PJ_AVX512
+    int d = 0;
+    for (; d + 16 <= Dh; d += 16) _mm512_storeu_ps(dst + d, _mm512_loadu_ps(src + d));
+    if (d < Dh) {
+      __mmask16 mk = (__mmask16)((1u << (Dh - d)) - 1);
+      _mm512_storeu_ps(dst + d, _mm512_maskz_loadu_ps(mk, src + d));
+    }
+#else
+    std::memcpy(dst, src, sizeof(float) * Dh);
+    for (int d = Dh; d < pb.Dhp; ++d) dst[d] = 0.f;
+#endif
+  } else {
+    const uint16_t* src = static_cast<const uint16_t*>(base) + off;
+#if PJ_AVX512
+    int d = 0;
+    for (; d + 16 <= Dh; d += 16) {
+      __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + d)));
+      _mm512_storeu_ps(dst + d, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+    }
+    if (d < Dh) {
+      __mmask16 mk = (__mmask16)((1u << (Dh - d)) - 1);
+      __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, src + d));
+      _mm512_storeu_ps(dst + d, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+    }
+#else
+    for (int d = 0; d < Dh; ++d) {
+      uint32_t bits = uint32_t(src[d]) << 16;
+      std::memcpy(dst + d, &bits, 4);
+    }
+    for (int d = Dh; d < pb.Dhp; ++d) dst[d] = 0.f;
+#endif
+  }
+}
+
+#if PJ_AVX512
+// exp for x in [-87.3, 88.7] (callers mask what lies below), Cephes polynomial, ~1-2 ulp.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33654f)), _mm512_set1_ps(88.72283f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507E-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073E-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894E-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(y, n);
+}
+
+// 16 vectors -> one vector whose lane i is the horizontal sum of v[i].
+inline __m512 hsum16x16(__m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int i = 0; i < 2; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// scores[t] = dot(q, kbuf[t]) for the 16 rows of kbuf. NC: Dhp / 16 (0: runtime `nc`).
+template <int NC>
+inline __m512 block_scores(const float* q, const float* kbuf, int nc_rt, int Dhp) {
+  const int nc = NC ? NC : nc_rt;
+  __m512 part[BK];
+  if constexpr (NC > 0 && NC <= 8) {
+    __m512 qr[NC];
+    for (int c = 0; c < NC; ++c) qr[c] = _mm512_loadu_ps(q + 16 * c);
+    for (int t = 0; t < BK; ++t) {
+      const float* kr = kbuf + size_t(t) * Dhp;
+      __m512 s0 = _mm512_mul_ps(qr[0], _mm512_loadu_ps(kr));
+      __m512 s1 = _mm512_setzero_ps();
+      for (int c = 1; c < NC; ++c) {
+        if (c & 1)
+          s1 = _mm512_fmadd_ps(qr[c], _mm512_loadu_ps(kr + 16 * c), s1);
+        else
+          s0 = _mm512_fmadd_ps(qr[c], _mm512_loadu_ps(kr + 16 * c), s0);
+      }
+      part[t] = _mm512_add_ps(s0, s1);
+    }
+  } else {
+    for (int t = 0; t < BK; ++t) {
+      const float* kr = kbuf + size_t(t) * Dhp;
+      __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+      int c = 0;
+      for (; c + 1 < nc; c += 2) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * c), _mm512_loadu_ps(kr + 16 * c), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * c + 16), _mm512_loadu_ps(kr + 16 * c + 16), s1);
+      }
+      if (c < nc) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * c), _mm512_loadu_ps(kr + 16 * c), s0);
+      part[t] = _mm512_add_ps(s0, s1);
+    }
+  }
+  return hsum16x16(part);
+}
+
+// acc[0:Dhp] = acc * alpha + sum_t p[t] * vbuf[t]   (t < n)
+template <int NC>
+inline void block_pv(float* acc, const float* p, const float* vbuf, int n, float alpha, int nc_rt, int Dhp) {
+  const int nc = NC ? NC : nc_rt;
+  const __m512 av = _mm512_set1_ps(alpha);
+  if constexpr (NC > 0 && NC <= 8) {
+    __m512 a[NC];
+    for (int c = 0; c < NC; ++c) a[c] = _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * c), av);
+    for (int t = 0; t < n; ++t) {
+      const __m512 pt = _mm512_set1_ps(p[t]);
+      const float* vr = vbuf + size_t(t) * Dhp;
+      for (int c = 0; c < NC; ++c) a[c] = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vr + 16 * c), a[c]);
+    }
+    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(acc + 16 * c, a[c]);
+  } else {
+    for (int c = 0; c < nc; ++c) {
+      __m512 a = _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * c), av);
+      for (int t = 0; t < n; ++t)
+        a = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), _mm512_loadu_ps(vbuf + size_t(t) * Dhp + 16 * c), a);
+      _mm512_storeu_ps(acc + 16 * c, a);
+    }
+  }
+}
+#endif  // PJ_AVX512
+
+// ---------------------------------------------------------------------------------------------
+template <int NC>
+void run_item(const Problem& pb, const Item& it, Scratch& s) {
+  const int G = pb.G, Dh = pb.Dh, Dhp = pb.Dhp, H = pb.H;
+  const int M = it.nr * G;
+  const int nc = Dhp / 16;
+  s.ensure(M, Dhp);
+  float* qs = s.qs.data();
+  float* acc = s.acc.data();
+  float* kbuf = s.kbuf.data();
+  float* vbuf = s.vbuf.data();
+  float* pbuf = s.p.data();
+  float* mrow = s.m.data();
+  float* lrow = s.l.data();
+  float* alpha = s.alpha.data();
+
+  // Query vectors of the block, m = r * G + g, pre-scaled (as the reference does).
+  const float scale = pb.scale;
+  for (int r = 0; r < it.nr; ++r)
+    for (int g = 0; g < G; ++g) {
+      const float* src = pb.q + (size_t(it.row0 + r) * H + size_t(it.h) * G + g) * Dh;
+      float* dst = qs + size_t(r * G + g) * Dhp;
+      for (int d = 0; d < Dh; ++d) dst[d] = src[d] * scale;
+      for (int d = Dh; d < Dhp; ++d) dst[d] = 0.f;
+    }
+  std::fill(acc, acc + size_t(M) * Dhp, 0.f);
+  std::fill(mrow, mrow + M, kNegInf);
+  std::fill(lrow, lrow + M, 0.f);
+
+  // Keys this block of rows can see.
+  const int last_pos = it.pos0 + it.nr - 1;
+  int hi = std::min<int64_t>(std::min(it.ctx, last_pos + 1), int64_t(it.table_len) * pb.page);
+  int lo = 0;
+  if (pb.window > 0) lo = std::max(0, it.pos0 - pb.window + 1);
+  const int64_t head_off = pb.head_base + int64_t(it.h) * pb.head_stride;
+  const int64_t page_elems = pb.page * Dh;
+
+  for (int kb = lo; kb < hi; kb += BK) {
+    const int n = std::min(BK, hi - kb);
+    // Gather the block's K and V rows (f32) through the block table.
+    for (int t = 0; t < n; ++t) {
+      const int k = kb + t;
+      int64_t pg = it.table[k / pb.page];
+      pg = std::min<int64_t>(std::max<int64_t>(pg, 0), pb.P - 1);
+      const int64_t off = head_off + pg * page_elems + int64_t(k % pb.page) * Dh;
+      load_row(pb, pb.k, off, kbuf + size_t(t) * Dhp);
+      load_row(pb, pb.v, off, vbuf + size_t(t) * Dhp);
+    }
+    for (int t = n; t < BK; ++t) {
+      std::fill(kbuf + size_t(t) * Dhp, kbuf + size_t(t + 1) * Dhp, 0.f);
+      std::fill(vbuf + size_t(t) * Dhp, vbuf + size_t(t + 1) * Dhp, 0.f);
+    }
+    for (int r = 0; r < it.nr; ++r) {
+      const int pos = it.pos0 + r;
+      // Valid keys for this row: lo_r <= k <= pos, k < hi.
+      const int kmax = std::min(pos, hi - 1);  // inclusive
+      const int kmin = pb.window > 0 ? std::max(0, pos - pb.window + 1) : 0;
+      for (int g = 0; g < G; ++g) {
+        const int m = r * G + g;
+        float* p = pbuf + size_t(m) * BK;
+        if (kmax < kb || kmin > kb + n - 1) {  // nothing visible in this block
+          alpha[m] = 1.f;
+          std::fill(p, p + BK, 0.f);
+          continue;
+        }
+#if PJ_AVX512
+        __m512 sv = block_scores<NC>(qs + size_t(m) * Dhp, kbuf, nc, Dhp);
+        if (pb.soft_cap > 0.f) {
+          alignas(64) float tmp[BK];
+          _mm512_store_ps(tmp, sv);
+          for (int t = 0; t < BK; ++t) tmp[t] = pb.soft_cap * std::tanh(tmp[t] / pb.soft_cap);
+          sv = _mm512_load_ps(tmp);
+        }
+        const __m512i kv = _mm512_add_epi32(_mm512_set1_epi32(kb),
+                                            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+        const __mmask16 valid = _mm512_cmple_epi32_mask(kv, _mm512_set1_epi32(kmax)) &
+                                _mm512_cmpge_epi32_mask(kv, _mm512_set1_epi32(kmin));
+        const float bmax = _mm512_mask_reduce_max_ps(valid, sv);
+        const float m_new = std::max(mrow[m], bmax);
+        const float a = std::exp(mrow[m] - m_new);  // 0 when mrow was -inf
+        const __m512 pv = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(m_new))));
+        lrow[m] = lrow[m] * a + _mm512_reduce_add_ps(pv);
+        mrow[m] = m_new;
+        alpha[m] = a;
+        _mm512_storeu_ps(p, pv);
+#else
+        const float* qm = qs + size_t(m) * Dhp;
+        float sc[BK];
+        float bmax = kNegInf;
+        for (int t = 0; t < BK; ++t) {
+          const int k = kb + t;
+          if (t >= n || k > kmax || k < kmin) {
+            sc[t] = kNegInf;
+            continue;
+          }
+          const float* kr = kbuf + size_t(t) * Dhp;
+          float d0 = 0.f;
+#pragma omp simd reduction(+ : d0)
+          for (int d = 0; d < Dhp; ++d) d0 += qm[d] * kr[d];
+          if (pb.soft_cap > 0.f) d0 = pb.soft_cap * std::tanh(d0 / pb.soft_cap);
+          sc[t] = d0;
+          bmax = std::max(bmax, d0);
+        }
+        const float m_new = std::max(mrow[m], bmax);
+        const float a = std::exp(mrow[m] - m_new);
+        float sum = 0.f;
+        for (int t = 0; t < BK; ++t) {
+          p[t] = sc[t] == kNegInf ? 0.f : std::exp(sc[t] - m_new);
+          sum += p[t];
+        }
+        lrow[m] = lrow[m] * a + sum;
+        mrow[m] = m_new;
+        alpha[m] = a;
+#endif
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+#if PJ_AVX512
+      block_pv<NC>(acc + size_t(m) * Dhp, pbuf + size_t(m) * BK, vbuf, n, alpha[m], nc, Dhp);
+#else
+      float* am = acc + size_t(m) * Dhp;
+      const float* p = pbuf + size_t(m) * BK;
+      for (int d = 0; d < Dhp; ++d) am[d] *= alpha[m];
+      for (int t = 0; t < n; ++t) {
+        const float pt = p[t];
+        const float* vr = vbuf + size_t(t) * Dhp;
+#pragma omp simd
+        for (int d = 0; d < Dhp; ++d) am[d] += pt * vr[d];
+      }
+#endif
+    }
+  }
+
+  for (int r = 0; r < it.nr; ++r)
+    for (int g = 0; g < G; ++g) {
+      const int m = r * G + g;
+      const float inv = lrow[m] > 0.f ? 1.f / lrow[m] : 0.f;
+      float* dst = pb.out + (size_t(it.row0 + r) * H + size_t(it.h) * G + g) * Dh;
+      const float* am = acc + size_t(m) * Dhp;
+      for (int d = 0; d < Dh; ++d) dst[d] = am[d] * inv;
+    }
+}
+
+void run_item_dispatch(const Problem& pb, const Item& it) {
+  Scratch& s = thread_scratch();
+  switch (pb.Dhp / 16) {
+    case 2: return run_item<2>(pb, it, s);
+    case 4: return run_item<4>(pb, it, s);
+    case 8: return run_item<8>(pb, it, s);
+    default: return run_item<0>(pb, it, s);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dynamic work sharing between the calling thread and helpers on XLA's intra-op pool. The caller
+// waits only for the items to be *done*, never for helpers to start: a helper that starts after
+// everything is claimed finds no work and exits (it holds the shared state alive by itself), so a
+// busy or single-threaded pool cannot deadlock the call.
+struct WorkState {
+  const Problem* pb = nullptr;
+  std::vector<Item> items;
+  std::atomic<int> next{0};
+  std::atomic<int> done{0};
+  std::mutex mu;
+  std::condition_variable cv;
+
+  void work() {
+    const int n = int(items.size());
+    for (;;) {
+      const int i = next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= n) return;
+      run_item_dispatch(*pb, items[i]);
+      if (done.fetch_add(1, std::memory_order_acq_rel) + 1 == n) {
+        std::lock_guard<std::mutex> lock(mu);
+        cv.notify_all();
+      }
+    }
+  }
+};
+
+int env_threads() {
+  const char* e = std::getenv("PAGEDJAX_CPU_ATTN_THREADS");
+  return e ? std::atoi(e) : -1;
+}
+
+ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_cache,
+                              ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> layer_buf,
+                              ffi::Buffer<ffi::S32> d_tables, ffi::Buffer<ffi::S32> d_ctx,
+                              ffi::Buffer<ffi::S32> p_tables, ffi::Buffer<ffi::S32> p_ctx,
+                              ffi::Buffer<ffi::S32> p_qstart, ffi::Buffer<ffi::S32> p_qlen,
+                              ffi::Buffer<ffi::S32> num_prefill, float scale, int32_t sliding_window,
+                              float soft_cap,
+                              ffi::ResultBuffer<ffi::F32> out) {
+  auto qd = q.dimensions();
+  auto kd = k_cache.dimensions();
+  if (qd.size() != 3 || kd.size() != 5) return ffi::Error::InvalidArgument("q must be [T,H,Dh], pool [L,KV,P,page,Dh]");
+  if (k_cache.element_type() != v_cache.element_type()) return ffi::Error::InvalidArgument("k/v dtype mismatch");
+  Problem pb;
+  const auto et = k_cache.element_type();
+  if (et == ffi::DataType::F32)
+    pb.kv_type = KvType::kF32;
+  else if (et == ffi::DataType::U16 || et == ffi::DataType::BF16)
+    pb.kv_type = KvType::kBF16;
+  else
+    return ffi::Error::InvalidArgument("pool dtype must be float32, bfloat16 or uint16 (bf16 bits)");
+  pb.T = int(qd[0]);
+  pb.H = int(qd[1]);
+  pb.Dh = int(qd[2]);
+  pb.Dhp = (pb.Dh + 15) / 16 * 16;
+  const int64_t L = kd[0];
+  pb.KV = int(kd[1]);
+  pb.P = kd[2];
+  pb.page = kd[3];
+  if (kd[4] != pb.Dh) return ffi::Error::InvalidArgument("pool head_dim differs from q's");
+  if (pb.KV <= 0 || pb.H % pb.KV) return ffi::Error::InvalidArgument("heads must be a multiple of kv heads");
+  pb.G = pb.H / pb.KV;
+  pb.q = q.typed_data();
+  pb.out = out->typed_data();
+  pb.k = k_cache.untyped_data();
+  pb.v = v_cache.untyped_data();
+  pb.scale = scale;
+  pb.soft_cap = soft_cap;
+  pb.window = sliding_window > 0 ? sliding_window : 0;
+  int64_t layer = layer_buf.typed_data()[0];
+  layer = std::min<int64_t>(std::max<int64_t>(layer, 0), L - 1);
+  pb.head_stride = pb.P * pb.page * pb.Dh;
+  pb.head_base = layer * pb.KV * pb.head_stride;
+  const size_t row_elems = size_t(pb.H) * pb.Dh;
+  if (pb.T == 0) return ffi::Error::Success();
+  if (L == 0 || pb.P == 0) {
+    std::memset(pb.out, 0, sizeof(float) * row_elems * pb.T);
+    return ffi::Error::Success();
+  }
+
+  auto state = std::make_shared<WorkState>();
+  state->pb = &pb;
+  std::vector<Item>& items = state->items;
+
+  // Decode rows.
+  const int D = int(d_ctx.dimensions()[0]);
+  const int dw = d_tables.dimensions().size() == 2 ? int(d_tables.dimensions()[1]) : 0;
+  for (int i = 0; i < D && i < pb.T; ++i) {
+    const int ctx = d_ctx.typed_data()[i];
+    if (ctx <= 0 || dw == 0) {
+      std::memset(pb.out + size_t(i) * row_elems, 0, sizeof(float) * row_elems);
+      continue;
+    }
+    for (int h = 0; h < pb.KV; ++h)
+      items.push_back(Item{i, 1, ctx - 1, ctx, d_tables.typed_data() + size_t(i) * dw, dw, h, int64_t(ctx)});
+  }
+  // Prefill rows: zero those no sequence owns, cut each sequence into blocks of rows.
+  const int Tq = pb.T - std::min(D, pb.T);
+  if (Tq > 0) {
+    std::vector<char> owned(Tq, 0);
+    const int Sp = int(p_ctx.dimensions()[0]);
+    const int pw = p_tables.dimensions().size() == 2 ? int(p_tables.dimensions()[1]) : 0;
+    const int nps = std::min(Sp, std::max(0, num_prefill.typed_data()[0]));
+    // Rows per block: enough query vectors (rows x G) to reuse each K/V block, few enough for L1.
+    const int target_m = pb.Dhp >= 128 ? 32 : 64;
+    const int qb = std::max(1, target_m / pb.G);
+    for (int j = 0; j < nps; ++j) {
+      const int ctx = p_ctx.typed_data()[j];
+      const int qs = std::max(0, p_qstart.typed_data()[j]);
+      const int ql = std::min(std::max(0, p_qlen.typed_data()[j]), Tq - std::min(qs, Tq));
+      if (ql <= 0) continue;
+      const int prefix = ctx - ql;
+      for (int r = qs; r < qs + ql; ++r) owned[r] = 1;
+      for (int b = 0; b < ql; b += qb) {
+        const int nr = std::min(qb, ql - b);
+        const int64_t keys = std::max(0, std::min(ctx, prefix + b + nr));
+        for (int h = 0; h < pb.KV; ++h)
+          items.push_back(Item{D + qs + b, nr, prefix + b, ctx, p_tables.typed_data() + size_t(j) * pw, pw, h,
+                               keys * nr});
+      }
+    }
+    for (int r = 0; r < Tq; ++r)
+      if (!owned[r]) std::memset(pb.out + size_t(D + r) * row_elems, 0, sizeof(float) * row_elems);
+  }
+  if (items.empty()) return ffi::Error::Success();
+  // Longest first, so that the last items to be claimed are short ones (good balance).
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
+
+  int64_t threads = pool.num_threads();
+  const int forced = env_threads();
+  if (forced >= 0) threads = forced;
+  const int64_t helpers = std::min<int64_t>(threads, int64_t(items.size()) - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state] { state->work(); });
+  state->work();
+  const int n = int(items.size());
+  if (state->done.load(std::memory_order_acquire) != n) {
+    std::unique_lock<std::mutex> lock(state->mu);
+    state->cv.wait(lock, [&] { return state->done.load(std::memory_order_acquire) == n; });
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedJaxPagedAttention, PagedAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::AnyBuffer>()         // k pool
+                                  .Arg<ffi::AnyBuffer>()         // v pool
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // decode_block_tables
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // decode_context_lens
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // prefill_block_tables
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // prefill_context_lens
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // prefill_q_start
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // prefill_q_len
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // num_prefill_seqs
+                                  .Attr<float>("scale")
+                                  .Attr<int32_t>("sliding_window")
+                                  .Attr<float>("soft_cap")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// Lets the Python side check that it loaded the source it hashed.
+extern "C" int pagedjax_cpu_attention_abi_version() { return 1; }
+extern "C" int pagedjax_cpu_attention_has_avx512() { return PJ_AVX512; }
