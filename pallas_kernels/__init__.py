@@ -60,12 +60,20 @@ def get_attention_backend(name: str = "auto") -> Callable:
     return getattr(importlib.import_module(module), attr)
 
 
+def get_kv_writer(name: str = "auto") -> Callable:
+    """Return the KV-write function (signature of `reference.write_kv`) of backend `name`: the
+    backend module's own `write_kv` when it has one, else the plain-XLA scatter."""
+    module, _ = _BACKEND_FUNCTIONS[resolve_backend(name)]
+    return getattr(importlib.import_module(module), "write_kv", write_kv)
+
+
 __all__ = [
     "BACKENDS",
     "AttentionMetadata",
     "empty_metadata",
     "gather_all_paged_attention",
     "get_attention_backend",
+    "get_kv_writer",
     "paged_attention",
     "resolve_backend",
     "write_kv",

@@ -61,8 +61,12 @@ def forward_hidden(
     v_cache: jax.Array,
     inputs: StepInputs,
     attention_fn: Callable,
+    write_kv_fn: Callable = write_kv,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Run all layers over the step's tokens. Returns (hidden [T, H] f32, k_cache, v_cache)."""
+    """Run all layers over the step's tokens. Returns (hidden [T, H] f32, k_cache, v_cache).
+
+    `attention_fn` and `write_kv_fn` come from one attention backend (pallas_kernels.get_attention_backend
+    / get_kv_writer); both have the signatures of the plain-XLA reference."""
     c = config
     inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling_dict)
     scale = c.head_dim**-0.5
@@ -81,7 +85,7 @@ def forward_hidden(
         q = apply_rope(q.reshape(T, c.num_heads, c.head_dim), inputs.positions, inv_freq)
         k = apply_rope(k.reshape(T, c.num_kv_heads, c.head_dim), inputs.positions, inv_freq)
         v = v.reshape(T, c.num_kv_heads, c.head_dim)
-        kc, vc = write_kv(kc, vc, idx, k, v, inputs.slot_pages, inputs.slot_offsets)
+        kc, vc = write_kv_fn(kc, vc, idx, k, v, inputs.slot_pages, inputs.slot_offsets)
         attn = attention_fn(q, kc, vc, idx, meta, scale=scale, sliding_window=c.sliding_window)
         h = h + _matmul(attn.reshape(T, c.q_size), w["wo"])
         x = rms_norm(h, w["mlp_norm"], c.rms_norm_eps)
@@ -102,8 +106,9 @@ def forward(
     inputs: StepInputs,
     attention_fn: Callable,
     all_logits: bool = False,
+    write_kv_fn: Callable = write_kv,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One step: returns (logits f32[S, V] at `logits_indices` — or [T, V] if all_logits —, caches)."""
-    h, k_cache, v_cache = forward_hidden(params, config, k_cache, v_cache, inputs, attention_fn)
+    h, k_cache, v_cache = forward_hidden(params, config, k_cache, v_cache, inputs, attention_fn, write_kv_fn)
     rows = h if all_logits else h[inputs.logits_indices]
     return compute_logits(params, config, rows), k_cache, v_cache
