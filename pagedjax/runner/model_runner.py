@@ -27,7 +27,7 @@ from pagedjax.runner.kv_cache import allocate_kv_cache, num_pages_for
 from pagedjax.sampling.metadata import SamplingRow, build_sampling_tensors
 from pagedjax.sampling.sampler import compute_logprobs, sample
 from pagedjax.sampling_params import SamplingParams
-from pallas_kernels import AttentionMetadata, get_attention_backend
+from pallas_kernels import AttentionMetadata, get_attention_backend, get_kv_writer
 
 # Rows that sample nothing (padding, unfinished prefill chunks): greedy, no penalties, no extra compile.
 _PAD_ROW = SamplingRow(
@@ -78,10 +78,13 @@ class ModelRunner:
             sched.max_num_seqs, sched.max_num_batched_tokens, sched.max_num_prefill_seqs
         )
         self.attention_fn = get_attention_backend(attention_backend)
+        self.write_kv_fn = get_kv_writer(attention_backend)
         forward = get_forward(config)
 
         def model_step(params, k_cache, v_cache, inputs, all_logits):
-            return forward(params, config, k_cache, v_cache, inputs, self.attention_fn, all_logits)
+            return forward(
+                params, config, k_cache, v_cache, inputs, self.attention_fn, all_logits, self.write_kv_fn
+            )
 
         self._model_step = jax.jit(model_step, static_argnames=("all_logits",), donate_argnums=(1, 2))
         # Ahead-of-time compiled step programs, one per (bucket shape, all_logits); see _executable.
