@@ -99,6 +99,8 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.85
     cache_dtype: str | None = None  # None -> model dtype
     num_pages: int | None = None  # overrides the byte budget (tests use tiny pools)
+    # Keep full pages findable by content so later requests with the same prefix reuse them.
+    enable_prefix_caching: bool = True
 
 
 @dataclass(frozen=True)

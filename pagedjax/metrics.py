@@ -64,5 +64,6 @@ class EngineMetrics:
             "kv_pages_free": kv_stats.pages_free,
             "kv_usage": kv_stats.usage,
             "kv_waste_now": kv_stats.waste,
+            "kv_pages_cached": kv_stats.pages_cached,
             **extra,
         }

@@ -1,13 +1,18 @@
-"""The global KV page pool's bookkeeping: a free list and a reference count per page.
+"""The global KV page pool's bookkeeping: free pages, a reference count per page, and the prefix cache.
 
 The pool's *memory* lives on the device (runner/kv_cache.py); this host-side object only decides
 which page ids are in use. Reference counts let several sequences point at one physical page
 (prefix sharing, parallel samples, beams); a page returns to the free list when its count hits 0.
+
+Prefix caching: a *full* page can carry a content key (a hash chained over all tokens up to and
+including the page, see kv_cache_manager.py). Keyed pages stay findable after their count drops to 0:
+they sit on the free list with their contents intact and are reused by a later request with the same
+prefix (`touch`), or evicted — least recently freed first — only when `allocate` needs the page.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 
 
 class OutOfPagesError(RuntimeError):
@@ -20,23 +25,41 @@ class PagePool:
             raise ValueError(f"num_pages must be >= 1, got {num_pages}")
         self.num_pages = num_pages
         self.ref_counts = [0] * num_pages
-        self._free: deque[int] = deque(range(num_pages))
+        # Free pages in eviction order (front = evicted first). An OrderedDict gives O(1) removal
+        # when a cached free page is reused.
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_pages))
+        self.page_key: list[bytes | None] = [None] * num_pages
+        self._cached: dict[bytes, int] = {}  # content key -> page
+        self.num_evictions = 0
 
     @property
     def num_free(self) -> int:
+        """Pages with no references (including cached ones, which are evictable)."""
         return len(self._free)
 
     @property
     def num_used(self) -> int:
         return self.num_pages - len(self._free)
 
+    @property
+    def num_cached(self) -> int:
+        """Pages that hold a findable prefix (in use or free)."""
+        return len(self._cached)
+
     def allocate(self, n: int) -> list[int]:
-        """Take `n` free pages, each with reference count 1. All or nothing."""
+        """Take `n` free pages, each with reference count 1, evicting cached contents. All or nothing."""
         if n > len(self._free):
             raise OutOfPagesError(f"asked for {n} pages, {len(self._free)} free")
-        pages = [self._free.popleft() for _ in range(n)]
-        for p in pages:
+        pages = []
+        for _ in range(n):
+            p, _ = self._free.popitem(last=False)
+            key = self.page_key[p]
+            if key is not None:
+                self.page_key[p] = None
+                del self._cached[key]
+                self.num_evictions += 1
             self.ref_counts[p] = 1
+            pages.append(p)
         return pages
 
     def share(self, pages: list[int]) -> None:
@@ -46,19 +69,54 @@ class PagePool:
                 raise ValueError(f"page {p} is free and cannot be shared")
             self.ref_counts[p] += 1
 
+    def touch(self, pages: list[int]) -> None:
+        """Add one reference to each cached page, taking free ones off the free list (a cache hit)."""
+        for p in pages:
+            if self.page_key[p] is None:
+                raise ValueError(f"page {p} holds no cached prefix")
+            if self.ref_counts[p] == 0:
+                del self._free[p]
+            self.ref_counts[p] += 1
+
     def release(self, pages: list[int]) -> None:
-        """Drop one reference from each page; pages nobody references go back to the free list."""
+        """Drop one reference from each page, in order; unreferenced pages join the back of the free
+        list (so release a sequence's pages tail first: its last pages are evicted before its first)."""
         for p in pages:
             if self.ref_counts[p] <= 0:
                 raise ValueError(f"page {p} released more often than it was taken")
             self.ref_counts[p] -= 1
             if self.ref_counts[p] == 0:
-                self._free.append(p)
+                self._free[p] = None
+
+    # ------------------------------------------------------------------------------ prefix cache
+    def lookup(self, key: bytes) -> int | None:
+        return self._cached.get(key)
+
+    def cache_page(self, page: int, key: bytes) -> None:
+        """Make a full, in-use page findable under `key` (first writer wins on duplicates)."""
+        if self.ref_counts[page] <= 0:
+            raise ValueError(f"page {page} is free; only pages in use can be cached")
+        if key in self._cached or self.page_key[page] is not None:
+            return
+        self._cached[key] = page
+        self.page_key[page] = key
+
+    def is_cached(self, page: int) -> bool:
+        return self.page_key[page] is not None
+
+    def reset_cache(self) -> int:
+        """Forget every cached prefix (pages in use stay in use). Returns how many were dropped."""
+        n = len(self._cached)
+        self._cached.clear()
+        self.page_key = [None] * self.num_pages
+        return n
 
     def check_invariants(self) -> None:
-        """Every page is either free (count 0, listed once) or in use (count > 0, not listed)."""
-        free = set(self._free)
-        assert len(free) == len(self._free), "a page is on the free list twice"
+        """Every page is either free (count 0, listed once) or in use (count > 0, not listed); the
+        cache map and the per-page keys agree."""
         for p, c in enumerate(self.ref_counts):
             assert c >= 0, f"page {p} has negative ref count"
-            assert (c == 0) == (p in free), f"page {p}: ref count {c} but free={p in free}"
+            assert (c == 0) == (p in self._free), f"page {p}: ref count {c} but free={p in self._free}"
+        for key, p in self._cached.items():
+            assert self.page_key[p] == key, f"page {p}: cache map and page key disagree"
+        assert sum(k is not None for k in self.page_key) == len(self._cached), "stray page keys"

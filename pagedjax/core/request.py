@@ -56,6 +56,16 @@ class Request:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     prompt_logprobs: list[dict[int, float] | None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Prefix caching: requests only share cached pages when their salts are equal.
+    cache_salt: str | None = None
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
+    # Seats in the running batch this request holds for sequences that will fork from it (n > 1
+    # samples, beams), so that forking never overflows max_num_seqs.
+    num_reserved_seats: int = 0
+    # Beam search: the engine does not append sampled tokens; it keeps the step's top logprobs in
+    # `held_logprobs` for the beam controller to choose continuations from.
+    hold_samples: bool = False
+    held_logprobs: dict[int, float] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -5,6 +5,11 @@ request computes: running requests first (in order), then waiting ones (FCFS or 
 A request that needs pages the pool does not have preempts the lowest-priority running request
 (its pages are freed and it is recomputed later) rather than failing. Finished or aborted requests
 free their pages at once, so waiting requests take their place in the very next step.
+
+Page sharing enters in three places: a request admitted from the waiting queue first adopts the
+cached pages of its prefix (its computed tokens start there); the n samples of one prompt are forked
+from the first sample in the step that completes the prompt (they share its pages, and sample their
+first tokens from its logits row); beams are forked by the engine with `fork_request`.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ class ScheduledChunk:
     request: Request
     start: int  # first token computed this step (== num_computed_tokens when scheduled)
     num_new_tokens: int
+    # Forked samples compute no token: they sample from the logits row of their source's chunk.
+    source: ScheduledChunk | None = None
 
     @property
     def end(self) -> int:
@@ -43,6 +50,7 @@ class ScheduledChunk:
 class SchedulerOutput:
     decodes: list[ScheduledChunk] = field(default_factory=list)  # exactly one new token each
     prefills: list[ScheduledChunk] = field(default_factory=list)  # more than one new token each
+    forks: list[ScheduledChunk] = field(default_factory=list)  # no new tokens, sample from a source
     preempted: list[str] = field(default_factory=list)
 
     @property
@@ -51,11 +59,12 @@ class SchedulerOutput:
 
     @property
     def chunks(self) -> list[ScheduledChunk]:
-        return self.decodes + self.prefills
+        """All scheduled chunks in row order: decodes, forks (decode-row slots), prefills."""
+        return self.decodes + self.forks + self.prefills
 
     @property
     def is_empty(self) -> bool:
-        return not self.decodes and not self.prefills
+        return not self.decodes and not self.prefills and not self.forks
 
 
 class _WaitingQueue:
@@ -110,6 +119,8 @@ class Scheduler:
         self.waiting = _WaitingQueue(config.policy)
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        # Source request id -> samples that fork from it once its prompt is computed.
+        self.pending_forks: dict[str, list[Request]] = {}
         self.num_preemptions = 0
 
     # ----------------------------------------------------------------------------------- requests
@@ -136,13 +147,47 @@ class Scheduler:
         self.requests[req.request_id] = req
         self.waiting.push(req)
 
+    def add_forked_samples(self, source: Request, samples: list[Request]) -> None:
+        """Register samples that share `source`'s prompt: they are forked from it (pages and logits
+        row) in the step that completes its prompt, instead of each computing the prompt."""
+        for s in samples:
+            if s.request_id in self.requests:
+                raise ValueError(f"request id {s.request_id!r} is already in use")
+        if 1 + len(samples) > self.config.max_num_seqs:
+            raise RequestRejectedError(
+                f"{1 + len(samples)} parallel samples exceed max_num_seqs ({self.config.max_num_seqs})"
+            )
+        for s in samples:
+            self.requests[s.request_id] = s
+        self.pending_forks.setdefault(source.request_id, []).extend(samples)
+        source.num_reserved_seats += len(samples)
+
+    def fork_request(self, source: Request, new: Request) -> None:
+        """Start `new` (source's tokens plus possibly more) sharing source's pages: it continues
+        from source's computed tokens (copy-on-write protects the shared partial page)."""
+        if new.request_id in self.requests:
+            raise ValueError(f"request id {new.request_id!r} is already in use")
+        self.requests[new.request_id] = new
+        if source.status == RequestStatus.RUNNING and source.request_id in self.kv_cache.block_tables:
+            self.kv_cache.fork(source.request_id, new.request_id)
+            new.num_computed_tokens = min(source.num_computed_tokens, new.num_tokens - 1)
+            new.status = RequestStatus.RUNNING
+            self.running.append(new)
+        else:
+            new.num_computed_tokens = 0
+            self.waiting.push(new, front=True)
+
     def finish(self, req: Request, status: RequestStatus) -> None:
         """Mark finished and free its pages immediately."""
         assert status.finished
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
-        elif not req.status.finished:
-            self.waiting.remove(req)
+        elif not req.status.finished and not self.waiting.remove(req):
+            for samples in self.pending_forks.values():
+                if req in samples:
+                    samples.remove(req)
+        if req.request_id in self.pending_forks:
+            req.num_reserved_seats -= len(self.pending_forks.pop(req.request_id))
         req.status = status
         self.kv_cache.free(req.request_id)
         self.requests.pop(req.request_id, None)
@@ -174,9 +219,34 @@ class Scheduler:
             return max(candidates, key=lambda r: (r.priority, r.arrival_time))
         return candidates[-1]
 
-    def _add_chunk(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
+    def _add_chunk(self, out: SchedulerOutput, req: Request, num_new: int, scheduled: set[str]) -> None:
         chunk = ScheduledChunk(req, req.num_computed_tokens, num_new)
         (out.decodes if num_new == 1 else out.prefills).append(chunk)
+        scheduled.add(req.request_id)
+        if chunk.samples and req.request_id in self.pending_forks:
+            # The prompt is complete this step: fork the parallel samples from it.
+            for s in self.pending_forks.pop(req.request_id):
+                self.kv_cache.fork(req.request_id, s.request_id)
+                s.num_computed_tokens = chunk.start
+                s.status = RequestStatus.RUNNING
+                s.num_cached_tokens = req.num_cached_tokens
+                self.running.append(s)
+                out.forks.append(ScheduledChunk(s, chunk.end, 0, source=chunk))
+                scheduled.add(s.request_id)
+            req.num_reserved_seats = 0
+
+    def _running_load(self) -> int:
+        """Seats taken in the running batch, counting seats reserved for future forks."""
+        return sum(1 + r.num_reserved_seats for r in self.running)
+
+    def _admit_with_cached_prefix(self, req: Request) -> None:
+        """Adopt the prefix cache's pages for a request that holds none (new or preempted)."""
+        if req.num_computed_tokens == 0 and req.request_id not in self.kv_cache.block_tables:
+            salt = (req.cache_salt or "").encode()
+            tokens = req.token_ids_slice(0, req.num_tokens)
+            req.num_computed_tokens = self.kv_cache.adopt_cached_prefix(req.request_id, tokens, salt)
+            if req.num_cached_tokens is None:
+                req.num_cached_tokens = min(req.num_computed_tokens, req.num_prompt_tokens)
 
     def schedule(self) -> SchedulerOutput:
         cfg = self.config
@@ -189,40 +259,50 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if num_new == 0 or req.request_id in scheduled:  # e.g. a beam waiting for its siblings
+                i += 1
+                continue
             if num_new > 1 and len(out.prefills) >= cfg.max_num_prefill_seqs:
                 i += 1
                 continue
-            while not self.kv_cache.allocate_slots(req.request_id, req.num_computed_tokens + num_new):
+            start = req.num_computed_tokens
+            while not self.kv_cache.allocate_slots(req.request_id, start + num_new, write_from=start):
                 victims = [r for r in self.running[i:] if r.request_id not in scheduled]
                 victim = self._pick_victim(victims)
                 self._preempt(victim, out)
                 if victim is req:
                     break
             else:
-                self._add_chunk(out, req, num_new)
-                scheduled.add(req.request_id)
+                self._add_chunk(out, req, num_new, scheduled)
                 budget -= num_new
                 i += 1
 
         # 2. Waiting requests, while there is room (never when this step had to preempt).
-        while len(self.waiting) and budget > 0 and len(self.running) < cfg.max_num_seqs and not out.preempted:
+        while len(self.waiting) and budget > 0 and not out.preempted:
             req = self.waiting.peek()
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            if num_new > 1 and len(out.prefills) >= cfg.max_num_prefill_seqs:
+            if self._running_load() + 1 + req.num_reserved_seats > cfg.max_num_seqs:
                 break
-            if not self.kv_cache.allocate_slots(req.request_id, req.num_computed_tokens + num_new):
+            self._admit_with_cached_prefix(req)
+            start = req.num_computed_tokens
+            num_new = min(req.num_tokens - start, budget)
+            if (num_new > 1 and len(out.prefills) >= cfg.max_num_prefill_seqs) or not (
+                self.kv_cache.allocate_slots(req.request_id, start + num_new, write_from=start)
+            ):
+                if start and req.request_id in self.kv_cache.block_tables:  # give the cached pages back
+                    self.kv_cache.free(req.request_id)
+                    req.num_computed_tokens = 0
                 break
             self.waiting.pop()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            self._add_chunk(out, req, num_new)
-            scheduled.add(req.request_id)
+            self._add_chunk(out, req, num_new, scheduled)
             budget -= num_new
         return out
 
     def check_invariants(self) -> None:
         self.kv_cache.check_invariants()
         ids = [r.request_id for r in self.running] + [r.request_id for r in self.waiting]
+        ids += [s.request_id for samples in self.pending_forks.values() for s in samples]
         assert len(ids) == len(set(ids)), "a request is both running and waiting"
         assert set(ids) == set(self.requests), "scheduler lost track of a request"
         for rid in self.kv_cache.block_tables:

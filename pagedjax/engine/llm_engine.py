@@ -68,7 +68,9 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.model_config, self.model.params, config.cache, sched, config.dtype, config.attention_backend
         )
-        self.kv_cache = KVCacheManager(self.runner.num_pages, config.cache.block_size)
+        self.kv_cache = KVCacheManager(
+            self.runner.num_pages, config.cache.block_size, config.cache.enable_prefix_caching
+        )
         self.scheduler = Scheduler(sched, self.kv_cache)
         self.metrics = EngineMetrics()
         self._rng = np.random.default_rng(config.seed)
@@ -96,6 +98,7 @@ class LLMEngine:
         kv_cache_dtype: str = "auto",
         gpu_memory_utilization: float = 0.85,
         num_kv_pages: int | None = None,
+        enable_prefix_caching: bool = True,
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 512,
         max_model_len: int | None = None,
@@ -125,6 +128,7 @@ class LLMEngine:
                 kv_cache_memory=kv_cache_memory,
                 gpu_memory_utilization=gpu_memory_utilization,
                 num_pages=num_kv_pages,
+                enable_prefix_caching=enable_prefix_caching,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs,
@@ -142,6 +146,9 @@ class LLMEngine:
     # ------------------------------------------------------------------------------ requests
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
+            unknown = set(prompt) - {"prompt", "prompt_token_ids", "cache_salt"}
+            if unknown:
+                raise InvalidRequestError(f"unknown prompt fields: {sorted(unknown)}")
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             if "prompt" in prompt:
@@ -170,6 +177,9 @@ class LLMEngine:
         if request_id in self._parents:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         text, ids = self._tokenize(prompt)
+        cache_salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise InvalidRequestError("cache_salt must be a string")
         vocab = self.model_config.vocab_size
         if not ids:
             raise InvalidRequestError("prompt is empty")
@@ -184,6 +194,10 @@ class LLMEngine:
         arrival = time.time() if arrival_time is None else arrival_time
         base_seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
         n_children = params.best_of or params.n
+        if n_children > self.scheduler.config.max_num_seqs:
+            raise InvalidRequestError(
+                f"n/best_of ({n_children}) exceeds max_num_seqs ({self.scheduler.config.max_num_seqs})"
+            )
         children, detoks = [], []
         for i in range(n_children):
             cid = request_id if n_children == 1 else f"{request_id}#{i}"
@@ -196,6 +210,7 @@ class LLMEngine:
                 priority=priority,
                 arrival_time=arrival,
                 eos_token_ids=self.eos_token_ids,
+                cache_salt=cache_salt,
             )
             if params.prompt_logprobs is not None:
                 child.prompt_logprobs = [None]
@@ -210,8 +225,11 @@ class LLMEngine:
                 )
             )
         parent = _ParentRequest(request_id, text, ids, params, children, detoks, arrival)
+        # The first sample computes the prompt; the others fork from it (sharing its pages).
+        self.scheduler.add_request(children[0])
+        if len(children) > 1:
+            self.scheduler.add_forked_samples(children[0], children[1:])
         for child in children:
-            self.scheduler.add_request(child)
             self._child_to_parent[child.request_id] = request_id
         self._parents[request_id] = parent
         self.metrics.on_request_added(len(ids))
@@ -247,14 +265,18 @@ class LLMEngine:
         if sched_out.is_empty:
             return []
         t0 = time.perf_counter()
-        result = self.runner.execute(sched_out, self.kv_cache.block_tables)
+        copies = self.kv_cache.take_pending_copies()
+        result = self.runner.execute(sched_out, self.kv_cache.block_tables, copies)
         self.last_step_result = result
         now = time.time()
         touched: dict[str, _ParentRequest] = {}
+        bs = self.kv_cache.block_size
         for ch in sched_out.chunks:
             req = ch.request
             req.num_computed_tokens = ch.end
             self.kv_cache.mark_filled(req.request_id, ch.end)
+            if ch.end // bs > ch.start // bs:  # a page filled up: make it findable
+                self.kv_cache.cache_full_pages(req.request_id, ch.end, req.token_ids_slice(0, ch.end))
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
             for idx, lp in result.prompt_logprobs.get(req.request_id, []):
@@ -262,6 +284,9 @@ class LLMEngine:
                     req.prompt_logprobs.append(lp)
             token = result.sampled.get(req.request_id)
             if token is None:
+                continue
+            if req.hold_samples:  # a beam: the beam controller picks its continuation
+                req.held_logprobs = result.logprobs.get(req.request_id)
                 continue
             parent = self._parents[self._child_to_parent[req.request_id]]
             touched[parent.request_id] = parent
@@ -350,6 +375,7 @@ class LLMEngine:
             finished_time=max((c.finished_time or 0.0) for c in parent.children) if finished else None,
             num_preemptions=sum(c.num_preemptions for c in parent.children),
         )
+        parent.num_cached_tokens = first.num_cached_tokens or 0
         return RequestOutput(
             request_id=parent.request_id,
             prompt=parent.prompt,
@@ -367,10 +393,19 @@ class LLMEngine:
         parent = self._parents[request_id]
         return list(self.kv_cache.block_tables.get(parent.children[0].request_id, []))
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix; later requests recompute them. Returns pages dropped."""
+        return self.kv_cache.reset_prefix_cache()
+
     def get_metrics(self) -> dict[str, Any]:
         stats = self.kv_cache.stats()
+        kv = self.kv_cache
         return self.metrics.snapshot(
             kv_stats=stats,
+            prefix_cache_queries=kv.num_queried_tokens,
+            prefix_cache_hits=kv.num_hit_tokens,
+            prefix_cache_hit_rate=kv.num_hit_tokens / kv.num_queried_tokens if kv.num_queried_tokens else 0.0,
+            prefix_cache_evictions=kv.pool.num_evictions,
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             num_compiles=self.runner.num_compiles,

@@ -51,6 +51,15 @@ class StepResult:
 _prompt_logprobs = jax.jit(compute_logprobs, static_argnames=("num_logprobs",))
 
 
+def _copy_pages_impl(k_cache, v_cache, src, dst):
+    k_cache = k_cache.at[:, :, dst].set(k_cache[:, :, src], mode="drop")
+    v_cache = v_cache.at[:, :, dst].set(v_cache[:, :, src], mode="drop")
+    return k_cache, v_cache
+
+
+_copy_pages = jax.jit(_copy_pages_impl, donate_argnums=(0, 1))
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -134,11 +143,12 @@ class ModelRunner:
             slot_offsets[row0 : row0 + n] = pos % bs
             return table
 
+        logits_row = {}  # id(chunk) -> its last token's row
         for i, ch in enumerate(out.decodes):
             table = fill(i, ch)
             d_tables[i, : len(table)] = table
             d_ctx[i] = ch.end
-            logits_idx[i] = i
+            logits_idx[i] = logits_row[id(ch)] = i
         row = 0
         for j, ch in enumerate(out.prefills):
             table = fill(D + row, ch)
@@ -147,18 +157,44 @@ class ModelRunner:
             p_start[j] = row
             p_len[j] = ch.num_new_tokens
             row += ch.num_new_tokens
-            logits_idx[D + j] = D + row - 1
+            logits_idx[D + j] = logits_row[id(ch)] = D + row - 1
+        # Forked samples occupy decode-row slots with no token (context 0: attention gives zeros) and
+        # sample from their source's logits row.
+        for k, ch in enumerate(out.forks):
+            logits_idx[len(out.decodes) + k] = logits_row[id(ch.source)]
         meta = AttentionMetadata(
             d_tables, d_ctx, p_tables, p_ctx, p_start, p_len, np.int32(len(out.prefills))
         )
         return StepInputs(token_ids, positions, slot_pages, slot_offsets, logits_idx, meta)
 
     # ------------------------------------------------------------------------------ execution
-    def execute(self, out: SchedulerOutput, block_tables: dict[str, list[int]]) -> StepResult:
-        shape = self.buckets.shape_for(len(out.decodes), sum(c.num_new_tokens for c in out.prefills))
+    def _shape(self, out: SchedulerOutput) -> StepShape:
+        return self.buckets.shape_for(
+            len(out.decodes) + len(out.forks), sum(c.num_new_tokens for c in out.prefills)
+        )
+
+    def copy_pages(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole pages src -> dst in every layer of the pool (copy-on-write), in place."""
+        n = 1 << (len(copies) - 1).bit_length()  # bucket the count: few distinct programs
+        src = np.zeros(n, np.int32)
+        dst = np.full(n, self.num_pages, np.int32)  # padding: out of range -> dropped
+        src[: len(copies)], dst[: len(copies)] = zip(*copies, strict=True)
+        self._note_compile(("copy_pages", n))
+        self.k_cache, self.v_cache = _copy_pages(self.k_cache, self.v_cache, src, dst)
+
+    def execute(
+        self,
+        out: SchedulerOutput,
+        block_tables: dict[str, list[int]],
+        page_copies: list[tuple[int, int]] = (),
+    ) -> StepResult:
+        if page_copies:
+            self.copy_pages(list(page_copies))
+        shape = self._shape(out)
         inputs = self._build_inputs(out, shape, block_tables)
-        chunks = out.decodes + out.prefills
-        row_of = list(range(len(out.decodes))) + [shape.decode_rows + j for j in range(len(out.prefills))]
+        chunks = out.chunks
+        nd = len(out.decodes) + len(out.forks)
+        row_of = list(range(nd)) + [shape.decode_rows + j for j in range(len(out.prefills))]
         want_prompt_lp = [
             c for c in out.prefills if c.request.sampling_params.prompt_logprobs is not None
         ] + [
@@ -224,8 +260,8 @@ class ModelRunner:
 
     @staticmethod
     def _row_starts(out: SchedulerOutput, shape: StepShape) -> list[int]:
-        """First flat token row of each chunk, in `out.decodes + out.prefills` order."""
-        starts = list(range(len(out.decodes)))
+        """First flat token row of each chunk, in `out.chunks` order (forks own no token rows)."""
+        starts = list(range(len(out.decodes) + len(out.forks)))
         row = shape.decode_rows
         for ch in out.prefills:
             starts.append(row)
@@ -250,7 +286,7 @@ class ModelRunner:
     ):
         """Logprob of each prompt token given its prefix (vLLM's prompt_logprobs), for chunks that
         cover prompt positions. Position p's logits score prompt token p + 1."""
-        shape = self.buckets.shape_for(len(out.decodes), sum(c.num_new_tokens for c in out.prefills))
+        shape = self._shape(out)
         starts = {
             c.request.request_id: r for c, r in zip(out.chunks, self._row_starts(out, shape), strict=True)
         }
