@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from pagedjax.engine.llm_engine import LLMEngine, PromptType
 from pagedjax.outputs import RequestOutput
-from pagedjax.sampling_params import SamplingParams
+from pagedjax.sampling_params import BeamSearchParams, SamplingParams
 
 
 class LLM:
@@ -26,7 +26,8 @@ class LLM:
         max_num_seqs: most sequences in one step. max_num_batched_tokens: token budget of one step.
         max_model_len: longest prompt + output (default: the model's context length).
         seed: seeds requests that do not carry their own seed.
-        attention_backend: "auto" | "xla" (| "pallas" when built).
+        attention_backend: "auto" | "xla" | "pallas" | "cpu" (see pallas_kernels).
+        enable_prefix_caching: reuse the KV pages of prompt prefixes seen before (default on).
         warmup: compile every step shape at start-up so no request waits for a compile.
     """
 
@@ -40,6 +41,7 @@ class LLM:
         kv_cache_dtype: str = "auto",
         gpu_memory_utilization: float = 0.85,
         num_kv_pages: int | None = None,
+        enable_prefix_caching: bool = True,
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 512,
         max_model_len: int | None = None,
@@ -59,6 +61,7 @@ class LLM:
             kv_cache_dtype=kv_cache_dtype,
             gpu_memory_utilization=gpu_memory_utilization,
             num_kv_pages=num_kv_pages,
+            enable_prefix_caching=enable_prefix_caching,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=max_model_len,
@@ -122,12 +125,33 @@ class LLM:
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
-    def _run(self, prompts, params, priority, use_tqdm: bool) -> list[RequestOutput]:
+    def beam_search(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        params: BeamSearchParams,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Beam search for every prompt (HF transformers' algorithm: `generate(num_beams=k,
+        do_sample=False, length_penalty=...)`). Each RequestOutput holds the beam_width finished
+        hypotheses, best first; beams share KV pages and copy a page only where they diverge."""
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        add = lambda p, _sp, _prio: self.llm_engine.add_beam_search_request(None, p, params)
+        return self._run(list(prompts), [params] * len(prompts), None, use_tqdm, add)
+
+    def reset_prefix_cache(self) -> int:
+        """Drop every cached prefix (e.g. after changing weights). Returns the pages dropped."""
+        return self.llm_engine.reset_prefix_cache()
+
+    def _run(self, prompts, params, priority, use_tqdm: bool, add=None) -> list[RequestOutput]:
         engine = self.llm_engine
+        add = add or (lambda p, sp, prio: engine.add_request(None, p, sp, priority=prio))
         ids = []
         try:
             for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
-                ids.append(engine.add_request(None, p, sp, priority=priority[i] if priority else 0))
+                ids.append(add(p, sp, priority[i] if priority else 0))
         except ValueError:
             engine.abort_request(ids)
             raise

@@ -19,12 +19,14 @@ from pagedjax.config import CacheConfig, EngineConfig, SchedulerConfig
 from pagedjax.core.kv_cache_manager import KVCacheManager
 from pagedjax.core.request import Request, RequestStatus
 from pagedjax.core.scheduler import Scheduler
+from pagedjax.engine.beam_group import BeamGroup
 from pagedjax.engine.detokenizer import IncrementalDetokenizer
 from pagedjax.metrics import EngineMetrics
 from pagedjax.models.loader import LoadedModel, load_model
 from pagedjax.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagedjax.runner.model_runner import ModelRunner, StepResult
-from pagedjax.sampling_params import SamplingParams
+from pagedjax.sampling.beam_search import BeamSearchState
+from pagedjax.sampling_params import MAX_LOGPROBS, BeamSearchParams, SamplingParams
 
 PromptType = str | list[int] | dict[str, Any]
 
@@ -75,6 +77,7 @@ class LLMEngine:
         self.metrics = EngineMetrics()
         self._rng = np.random.default_rng(config.seed)
         self._parents: dict[str, _ParentRequest] = {}
+        self._beam_groups: dict[str, BeamGroup] = {}
         self._child_to_parent: dict[str, str] = {}
         self._ids = itertools.count()
         self.last_step_result: StepResult | None = None
@@ -235,10 +238,87 @@ class LLMEngine:
         self.metrics.on_request_added(len(ids))
         return request_id
 
+    def add_beam_search_request(
+        self, request_id: str | None, prompt: PromptType, params: BeamSearchParams
+    ) -> str:
+        """Queue a beam search; its one output (beam_width hypotheses, best first) comes when done."""
+        if not isinstance(params, BeamSearchParams):
+            raise InvalidRequestError("beam search needs BeamSearchParams")
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self._parents:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        text, ids = self._tokenize(prompt)
+        if not ids:
+            raise InvalidRequestError("prompt is empty")
+        if min(ids) < 0 or max(ids) >= self.model_config.vocab_size:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
+        try:
+            self.scheduler.check_fits(len(ids), params.max_tokens)
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from None
+        if params.beam_width > self.scheduler.config.max_num_seqs:
+            raise InvalidRequestError(
+                f"beam_width ({params.beam_width}) exceeds max_num_seqs "
+                f"({self.scheduler.config.max_num_seqs})"
+            )
+        eos = () if params.ignore_eos else self.eos_token_ids
+        state = BeamSearchState(params.beam_width, params.max_tokens, params.length_penalty, eos)
+        if state.num_candidates > MAX_LOGPROBS:
+            raise InvalidRequestError(
+                f"beam_width {params.beam_width} needs {state.num_candidates} candidates per beam; "
+                f"at most {MAX_LOGPROBS} are supported"
+            )
+        sp = SamplingParams(temperature=0.0, max_tokens=params.max_tokens, logprobs=state.num_candidates)
+        group = BeamGroup(request_id, params, state, beams=[])
+        first = Request(
+            group.beam_id(),
+            ids,
+            sp,
+            seed=0,
+            max_tokens=params.max_tokens,
+            eos_token_ids=self.eos_token_ids,
+            cache_salt=prompt.get("cache_salt") if isinstance(prompt, dict) else None,
+            hold_samples=True,
+            num_reserved_seats=params.beam_width - 1,
+        )
+        self.scheduler.add_request(first)
+        group.beams = [first]
+        parent = _ParentRequest(request_id, text, ids, sp, [first], [], first.arrival_time)
+        self._parents[request_id] = parent
+        self._beam_groups[request_id] = group
+        self.metrics.on_request_added(len(ids))
+        return request_id
+
+    def _advance_beam_groups(self) -> list[RequestOutput]:
+        """Let every beam group whose beams all have their logprobs pick its next beams."""
+        outputs = []
+        for rid, group in list(self._beam_groups.items()):
+            if not group.ready:
+                continue
+            done = group.advance(self.scheduler)
+            parent = self._parents[rid]
+            parent.children = list(group.beams)
+            if done:
+                del self._beam_groups[rid]
+                del self._parents[rid]
+                self.metrics.on_request_finished("stop")
+                outputs.append(
+                    RequestOutput(
+                        request_id=rid,
+                        prompt=parent.prompt,
+                        prompt_token_ids=parent.prompt_token_ids,
+                        outputs=group.outputs(self.tokenizer),
+                        finished=True,
+                        metrics=RequestMetrics(arrival_time=parent.arrival_time, finished_time=time.time()),
+                    )
+                )
+        return outputs
+
     def abort_request(self, request_id: str | list[str]) -> None:
         """Abort requests (unknown or finished ids are ignored); their pages are free at once."""
         for rid in [request_id] if isinstance(request_id, str) else request_id:
             parent = self._parents.pop(rid, None)
+            self._beam_groups.pop(rid, None)
             if parent is None:
                 continue
             for child in parent.children:
@@ -299,6 +379,8 @@ class LLMEngine:
             time.perf_counter() - t0,
         )
         outputs = [self._make_output(p) for p in touched.values()]
+        if self._beam_groups:
+            outputs += self._advance_beam_groups()
         for p in touched.values():
             if p.finished:
                 self._parents.pop(p.request_id, None)

@@ -339,10 +339,11 @@ def _make_config(architecture: str, params: dict[str, Any]):
         rope = {**rope_scaling, "rope_theta": float(rope_theta)}
     rope = params.pop("rope_parameters", None) or rope  # transformers-5 spelling wins when given
     cfg_cls = getattr(transformers, _CONFIG_CLASSES[architecture])
+    eos = params.pop("eos_token_id", EOS_TOKEN_ID)
     cfg = cfg_cls(
         rope_parameters=rope,
         bos_token_id=BOS_TOKEN_ID,
-        eos_token_id=EOS_TOKEN_ID,
+        eos_token_id=eos,
         pad_token_id=PAD_TOKEN_ID,
         architectures=[architecture],
         **params,
