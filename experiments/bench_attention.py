@@ -3,7 +3,12 @@
 
 The baseline is `gather_all_paged_attention` (every query row gathers its sequence's whole context
 and runs one masked softmax); the engine's CPU default is the chunked online-softmax
-`paged_attention`. Both read the same page pool, so the table compares like with like.
+`paged_attention`. The "pallas" column is the Pallas ragged kernel (pallas_kernels/
+ragged_paged_attention.py): Triton on a GPU; on CPU it can only run in interpret mode, which checks
+correctness, not speed (the column says "interpret" there). All read the same page pool, so the table
+compares like with like. On a GPU the table also gives the kernel's achieved bandwidth (unique KV
+bytes read / time) against the device's: the spec peak where the device kind is known, and a
+measured device-to-device copy.
 
     python experiments/bench_attention.py                 # the issue's decode shape and two others
     python experiments/bench_attention.py --dtype bfloat16 --repeats 5 --output-json attn.json
@@ -25,7 +30,39 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pallas_kernels import AttentionMetadata, gather_all_paged_attention, paged_attention  # noqa: E402
+from pallas_kernels import ragged_paged_attention as pallas_attention  # noqa: E402
 from pallas_kernels.reference import to_storage  # noqa: E402
+
+# Spec HBM bandwidth (GB/s) by device_kind substring, for the GPU "% of peak" column.
+PEAK_GB_S = {
+    "H200": 4800,
+    "H100 SXM": 3350,
+    "H100 NVL": 3900,
+    "H100 PCIe": 2000,
+    "H100": 3350,
+    "A100-SXM4-80GB": 2039,
+    "A100-PCIE-80GB": 1935,
+    "A100": 1555,
+    "L40S": 864,
+    "L4": 300,
+    "A10G": 600,
+    "V100": 900,
+    "T4": 320,
+}
+
+
+def peak_bandwidth_gb_s(kind: str) -> float | None:
+    for name, gb_s in PEAK_GB_S.items():  # most specific names first
+        if name.lower() in kind.lower():
+            return gb_s
+    return None
+
+
+def copy_bandwidth_gb_s(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Device memory bandwidth as a jitted x + 1 over `nbytes` sees it (reads + writes)."""
+    x = jnp.zeros(nbytes // 4, jnp.float32)
+    f = jax.jit(lambda a: a + 1.0)
+    return 2 * nbytes / time_fn(f, (x,), repeats) / 1e9
 
 
 @dataclass
@@ -117,6 +154,9 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--output-json", default=None)
+    ap.add_argument(
+        "--pallas", default="on", choices=["on", "off"], help="time the Pallas kernel (interpret mode on CPU)"
+    )
     args = ap.parse_args()
     storage = jnp.uint16 if args.dtype == "bfloat16" else jnp.float32
     rng = np.random.default_rng(0)
@@ -125,13 +165,24 @@ def main() -> int:
     gather_all = jax.jit(
         lambda q, k, v, t, p, c: gather_all_paged_attention(q, k, v, 0, t, p, c, scale=scale)
     )
+    pallas = jax.jit(lambda q, k, v, m: pallas_attention.paged_attention(q, k, v, 0, m, scale=scale))
+    on_cpu = jax.default_backend() == "cpu"
+    use_pallas = args.pallas == "on"
+    kind = jax.devices()[0].device_kind
     rows = []
     print(
-        f"device: {jax.devices()[0].device_kind}  heads {args.heads}/{args.kv_heads}  d {args.head_dim}  "
+        f"device: {kind}  heads {args.heads}/{args.kv_heads}  d {args.head_dim}  "
         f"page {args.page_size}  KV {args.dtype}"
     )
-    print("| shape | xla chunked (default) ms | xla gather-all ms | speed-up | chunked GB/s of KV read |")
-    print("|---|---|---|---|---|")
+    peak = copy_bw = None
+    if not on_cpu:
+        peak, copy_bw = peak_bandwidth_gb_s(kind), copy_bandwidth_gb_s()
+        print(f"memory bandwidth: spec {peak or '?'} GB/s, measured copy {copy_bw:.0f} GB/s")
+    head = "| shape | xla chunked (default) ms | xla gather-all ms | speed-up | chunked GB/s of KV read |"
+    if use_pallas:
+        head += " pallas (interpret) ms |" if on_cpu else " pallas ms | pallas GB/s | % of spec | % of copy |"
+    print(head)
+    print("|---" * (head.count("|") - 1) + "|")
     for case in make_cases(rng):
         q, kc, vc, meta, (tt, tp, tc), kv_bytes = build_step(
             case, args.heads, args.kv_heads, args.head_dim, args.page_size, storage, rng
@@ -141,6 +192,16 @@ def main() -> int:
         err = float(jnp.max(jnp.abs(a - b)))
         t_chunk = time_fn(chunked, (q, kc, vc, meta), args.repeats)
         t_all = time_fn(gather_all, (q, kc, vc, tt, tp, tc), args.repeats)
+        extra = ""
+        if use_pallas:
+            c = pallas(q, kc, vc, meta)
+            err = max(err, float(jnp.max(jnp.abs(c - a))))
+            t_pal = time_fn(pallas, (q, kc, vc, meta), args.repeats)
+            pal_gb_s = kv_bytes / t_pal / 1e9
+            extra = f" {t_pal * 1e3:.1f} |"
+            if not on_cpu:
+                pct = f"{100 * pal_gb_s / peak:.0f}%" if peak else "?"
+                extra += f" {pal_gb_s:.0f} | {pct} | {100 * pal_gb_s / copy_bw:.0f}% |"
         rows.append(
             dict(
                 shape=case.name,
@@ -151,13 +212,18 @@ def main() -> int:
                 kv_gb_per_s=kv_bytes / t_chunk / 1e9,
             )
         )
+        if use_pallas:
+            rows[-1].update(pallas_ms=t_pal * 1e3, pallas_interpret=on_cpu, pallas_kv_gb_per_s=pal_gb_s)
         r = rows[-1]
         print(
             f"| {r['shape']} | {r['chunked_ms']:.1f} | {r['gather_all_ms']:.1f} | {r['speedup']:.2f}x | "
-            f"{r['kv_gb_per_s']:.1f} |  (max |diff| {err:.1e})"
+            f"{r['kv_gb_per_s']:.1f} |{extra}  (max |diff| {err:.1e})"
         )
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        out = {"args": vars(args), "device": kind, "rows": rows}
+        if not on_cpu:
+            out.update(spec_gb_per_s=peak, copy_gb_per_s=copy_bw)
+        Path(args.output_json).write_text(json.dumps(out, indent=2))
     return 0
 
 
