@@ -186,8 +186,14 @@ class Scheduler:
             for samples in self.pending_forks.values():
                 if req in samples:
                     samples.remove(req)
-        if req.request_id in self.pending_forks:
-            req.num_reserved_seats -= len(self.pending_forks.pop(req.request_id))
+        samples = self.pending_forks.pop(req.request_id, [])
+        req.num_reserved_seats = 0
+        if samples:  # the source ended before its prompt was computed: the next sample takes over
+            head, rest = samples[0], samples[1:]
+            head.num_reserved_seats = len(rest)
+            if rest:
+                self.pending_forks[head.request_id] = rest
+            self.waiting.push(head)
         req.status = status
         self.kv_cache.free(req.request_id)
         self.requests.pop(req.request_id, None)
@@ -226,7 +232,6 @@ class Scheduler:
         if chunk.samples and req.request_id in self.pending_forks:
             # The prompt is complete this step: fork the parallel samples from it.
             for s in self.pending_forks.pop(req.request_id):
-                self.kv_cache.fork(req.request_id, s.request_id)
                 s.num_computed_tokens = chunk.start
                 s.status = RequestStatus.RUNNING
                 s.num_cached_tokens = req.num_cached_tokens
@@ -234,6 +239,13 @@ class Scheduler:
                 out.forks.append(ScheduledChunk(s, chunk.end, 0, source=chunk))
                 scheduled.add(s.request_id)
             req.num_reserved_seats = 0
+
+    def share_forked_pages(self, out: SchedulerOutput) -> None:
+        """After the step ran (its K/V written), give this step's forked samples their source's pages.
+        Sharing only after the writes keeps the rule that no page is written while shared."""
+        for ch in out.forks:
+            if ch.source.request.status == RequestStatus.RUNNING:
+                self.kv_cache.fork(ch.source.request.request_id, ch.request.request_id)
 
     def _running_load(self) -> int:
         """Seats taken in the running batch, counting seats reserved for future forks."""

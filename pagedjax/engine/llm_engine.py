@@ -348,6 +348,7 @@ class LLMEngine:
         copies = self.kv_cache.take_pending_copies()
         result = self.runner.execute(sched_out, self.kv_cache.block_tables, copies)
         self.last_step_result = result
+        self.scheduler.share_forked_pages(sched_out)
         now = time.time()
         touched: dict[str, _ParentRequest] = {}
         bs = self.kv_cache.block_size
