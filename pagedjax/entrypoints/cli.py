@@ -24,7 +24,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "xla", "pallas", "cpu"])
+    p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse KV pages of prompt prefixes seen before (default: on)",
+    )
     p.add_argument("--no-warmup", action="store_true", help="compile step shapes lazily instead of at start")
 
 
@@ -39,6 +45,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_model_len=args.max_model_len,
         seed=args.seed,
         attention_backend=args.attention_backend,
+        enable_prefix_caching=args.enable_prefix_caching,
         warmup=not args.no_warmup,
     )
 
