@@ -76,7 +76,13 @@ def build(flags: tuple[str, ...] = FLAGS, *, cache_dir: Path | None = None) -> P
     src = SOURCE.read_bytes()
     include = jax.ffi.include_dir()
     key = hashlib.sha256()
-    for part in (src, " ".join(flags).encode(), jax.__version__.encode(), cxx.encode(), _cpu_signature().encode()):
+    for part in (
+        src,
+        " ".join(flags).encode(),
+        jax.__version__.encode(),
+        cxx.encode(),
+        _cpu_signature().encode(),
+    ):
         key.update(part)
         key.update(b"\0")
     out_dir = cache_dir or _cache_dir()
@@ -98,7 +104,9 @@ def build(flags: tuple[str, ...] = FLAGS, *, cache_dir: Path | None = None) -> P
     return out
 
 
-def load(flags: tuple[str, ...] = FLAGS, target: str = TARGET, *, cache_dir: Path | None = None) -> ctypes.CDLL:
+def load(
+    flags: tuple[str, ...] = FLAGS, target: str = TARGET, *, cache_dir: Path | None = None
+) -> ctypes.CDLL:
     """Build (if needed), load and register the kernel under the FFI target name `target`."""
     lib = ctypes.cdll.LoadLibrary(str(build(flags, cache_dir=cache_dir)))
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, SYMBOL)), platform="cpu")

@@ -22,6 +22,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -75,7 +76,7 @@ struct Item {
 // ---------------------------------------------------------------------------------------------
 // Per-thread scratch (grown, never shrunk: no allocation in steady state).
 struct Scratch {
-  std::vector<float> qs, acc, kbuf, vbuf, p, m, l, alpha;
+  std::vector<float> qs, acc, kbuf, vbuf, zero, p, m, l, alpha;
   void ensure(int M, int Dhp) {
     auto grow = [](std::vector<float>& v, size_t n) {
       if (v.size() < n) v.resize(n);
@@ -84,6 +85,7 @@ struct Scratch {
     grow(acc, size_t(M) * Dhp);
     grow(kbuf, size_t(BK) * Dhp);
     grow(vbuf, size_t(BK) * Dhp);
+    grow(zero, Dhp);
     grow(p, size_t(M) * BK);
     grow(m, M);
     grow(l, M);
@@ -170,14 +172,14 @@ inline __m512 hsum16x16(__m512* v) {
 
 // scores[t] = dot(q, kbuf[t]) for the 16 rows of kbuf. NC: Dhp / 16 (0: runtime `nc`).
 template <int NC>
-inline __m512 block_scores(const float* q, const float* kbuf, int nc_rt, int Dhp) {
+inline __m512 block_scores(const float* q, const float* const* krow, int nc_rt) {
   const int nc = NC ? NC : nc_rt;
   __m512 part[BK];
   if constexpr (NC > 0 && NC <= 8) {
     __m512 qr[NC];
     for (int c = 0; c < NC; ++c) qr[c] = _mm512_loadu_ps(q + 16 * c);
     for (int t = 0; t < BK; ++t) {
-      const float* kr = kbuf + size_t(t) * Dhp;
+      const float* kr = krow[t];
       __m512 s0 = _mm512_mul_ps(qr[0], _mm512_loadu_ps(kr));
       __m512 s1 = _mm512_setzero_ps();
       for (int c = 1; c < NC; ++c) {
@@ -190,7 +192,7 @@ inline __m512 block_scores(const float* q, const float* kbuf, int nc_rt, int Dhp
     }
   } else {
     for (int t = 0; t < BK; ++t) {
-      const float* kr = kbuf + size_t(t) * Dhp;
+      const float* kr = krow[t];
       __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
       int c = 0;
       for (; c + 1 < nc; c += 2) {
@@ -206,7 +208,7 @@ inline __m512 block_scores(const float* q, const float* kbuf, int nc_rt, int Dhp
 
 // acc[0:Dhp] = acc * alpha + sum_t p[t] * vbuf[t]   (t < n)
 template <int NC>
-inline void block_pv(float* acc, const float* p, const float* vbuf, int n, float alpha, int nc_rt, int Dhp) {
+inline void block_pv(float* acc, const float* p, const float* const* vrow, int n, float alpha, int nc_rt) {
   const int nc = NC ? NC : nc_rt;
   const __m512 av = _mm512_set1_ps(alpha);
   if constexpr (NC > 0 && NC <= 8) {
@@ -214,7 +216,7 @@ inline void block_pv(float* acc, const float* p, const float* vbuf, int n, float
     for (int c = 0; c < NC; ++c) a[c] = _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * c), av);
     for (int t = 0; t < n; ++t) {
       const __m512 pt = _mm512_set1_ps(p[t]);
-      const float* vr = vbuf + size_t(t) * Dhp;
+      const float* vr = vrow[t];
       for (int c = 0; c < NC; ++c) a[c] = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vr + 16 * c), a[c]);
     }
     for (int c = 0; c < NC; ++c) _mm512_storeu_ps(acc + 16 * c, a[c]);
@@ -222,7 +224,7 @@ inline void block_pv(float* acc, const float* p, const float* vbuf, int n, float
     for (int c = 0; c < nc; ++c) {
       __m512 a = _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * c), av);
       for (int t = 0; t < n; ++t)
-        a = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), _mm512_loadu_ps(vbuf + size_t(t) * Dhp + 16 * c), a);
+        a = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), _mm512_loadu_ps(vrow[t] + 16 * c), a);
       _mm512_storeu_ps(acc + 16 * c, a);
     }
   }
@@ -266,21 +268,48 @@ void run_item(const Problem& pb, const Item& it, Scratch& s) {
   const int64_t head_off = pb.head_base + int64_t(it.h) * pb.head_stride;
   const int64_t page_elems = pb.page * Dh;
 
+  const bool direct = pb.kv_type == KvType::kF32 && Dh == Dhp;  // read f32 rows in place
+  const int64_t elem_bytes = pb.kv_type == KvType::kF32 ? 4 : 2;
+  const int row_lines = int((Dh * elem_bytes + 63) / 64);
+  const char* kbase = static_cast<const char*>(pb.k);
+  const char* vbase = static_cast<const char*>(pb.v);
+  auto row_offset = [&](int k) {  // element offset of key position k's row in the pool
+    int64_t pg = it.table[k / pb.page];
+    pg = std::min<int64_t>(std::max<int64_t>(pg, 0), pb.P - 1);
+    return head_off + pg * page_elems + int64_t(k % pb.page) * Dh;
+  };
+  auto prefetch_block = [&](int kb) {
+    const int n = std::min(BK, hi - kb);
+    for (int t = 0; t < n; ++t) {
+      const int64_t off = row_offset(kb + t) * elem_bytes;
+      for (int c = 0; c < row_lines; ++c) {
+        __builtin_prefetch(kbase + off + 64 * c, 0, 3);
+        __builtin_prefetch(vbase + off + 64 * c, 0, 3);
+      }
+    }
+  };
+  std::fill(s.zero.begin(), s.zero.end(), 0.f);
+  const float* krow[BK];
+  const float* vrow[BK];
+  if (lo < hi) prefetch_block(lo);
+
   for (int kb = lo; kb < hi; kb += BK) {
     const int n = std::min(BK, hi - kb);
-    // Gather the block's K and V rows (f32) through the block table.
+    if (kb + BK < hi) prefetch_block(kb + BK);
+    // The block's K and V rows through the block table: in place (f32) or converted to f32.
     for (int t = 0; t < n; ++t) {
-      const int k = kb + t;
-      int64_t pg = it.table[k / pb.page];
-      pg = std::min<int64_t>(std::max<int64_t>(pg, 0), pb.P - 1);
-      const int64_t off = head_off + pg * page_elems + int64_t(k % pb.page) * Dh;
-      load_row(pb, pb.k, off, kbuf + size_t(t) * Dhp);
-      load_row(pb, pb.v, off, vbuf + size_t(t) * Dhp);
+      const int64_t off = row_offset(kb + t);
+      if (direct) {
+        krow[t] = static_cast<const float*>(pb.k) + off;
+        vrow[t] = static_cast<const float*>(pb.v) + off;
+      } else {
+        load_row(pb, pb.k, off, kbuf + size_t(t) * Dhp);
+        load_row(pb, pb.v, off, vbuf + size_t(t) * Dhp);
+        krow[t] = kbuf + size_t(t) * Dhp;
+        vrow[t] = vbuf + size_t(t) * Dhp;
+      }
     }
-    for (int t = n; t < BK; ++t) {
-      std::fill(kbuf + size_t(t) * Dhp, kbuf + size_t(t + 1) * Dhp, 0.f);
-      std::fill(vbuf + size_t(t) * Dhp, vbuf + size_t(t + 1) * Dhp, 0.f);
-    }
+    for (int t = n; t < BK; ++t) krow[t] = vrow[t] = s.zero.data();
     for (int r = 0; r < it.nr; ++r) {
       const int pos = it.pos0 + r;
       // Valid keys for this row: lo_r <= k <= pos, k < hi.
@@ -295,7 +324,7 @@ void run_item(const Problem& pb, const Item& it, Scratch& s) {
           continue;
         }
 #if PJ_AVX512
-        __m512 sv = block_scores<NC>(qs + size_t(m) * Dhp, kbuf, nc, Dhp);
+        __m512 sv = block_scores<NC>(qs + size_t(m) * Dhp, krow, nc);
         if (pb.soft_cap > 0.f) {
           alignas(64) float tmp[BK];
           _mm512_store_ps(tmp, sv);
@@ -324,7 +353,7 @@ void run_item(const Problem& pb, const Item& it, Scratch& s) {
             sc[t] = kNegInf;
             continue;
           }
-          const float* kr = kbuf + size_t(t) * Dhp;
+          const float* kr = krow[t];
           float d0 = 0.f;
 #pragma omp simd reduction(+ : d0)
           for (int d = 0; d < Dhp; ++d) d0 += qm[d] * kr[d];
@@ -347,14 +376,14 @@ void run_item(const Problem& pb, const Item& it, Scratch& s) {
     }
     for (int m = 0; m < M; ++m) {
 #if PJ_AVX512
-      block_pv<NC>(acc + size_t(m) * Dhp, pbuf + size_t(m) * BK, vbuf, n, alpha[m], nc, Dhp);
+      block_pv<NC>(acc + size_t(m) * Dhp, pbuf + size_t(m) * BK, vrow, n, alpha[m], nc);
 #else
       float* am = acc + size_t(m) * Dhp;
       const float* p = pbuf + size_t(m) * BK;
       for (int d = 0; d < Dhp; ++d) am[d] *= alpha[m];
       for (int t = 0; t < n; ++t) {
         const float pt = p[t];
-        const float* vr = vbuf + size_t(t) * Dhp;
+        const float* vr = vrow[t];
 #pragma omp simd
         for (int d = 0; d < Dhp; ++d) am[d] += pt * vr[d];
       }
@@ -514,6 +543,8 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   int64_t threads = pool.num_threads();
   const int forced = env_threads();
   if (forced >= 0) threads = forced;
+  static const bool debug = std::getenv("PAGEDJAX_CPU_ATTN_DEBUG") != nullptr;
+  if (debug) std::fprintf(stderr, "pagedjax cpu attention: %zu items, pool threads %lld, helpers %lld\n", items.size(), (long long)pool.num_threads(), (long long)std::min<int64_t>(threads, int64_t(items.size()) - 1));
   const int64_t helpers = std::min<int64_t>(threads, int64_t(items.size()) - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state] { state->work(); });
   state->work();
