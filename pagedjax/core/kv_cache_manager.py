@@ -92,14 +92,18 @@ class KVCacheManager:
             pages.append(page)
             keys.append(key)
             parent = key
-        self.num_queried_tokens += len(token_ids)
-        self.num_hit_tokens += len(pages) * bs
         if pages:
             self.pool.touch(pages)
             self.block_tables[seq_id] = pages
             self._keys[seq_id] = keys
             self._filled[seq_id] = len(pages) * bs
         return len(pages) * bs
+
+    def record_prefix_query(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Count one admitted request's prefix lookup (for the hit-rate metrics)."""
+        if self.enable_prefix_caching:
+            self.num_queried_tokens += num_tokens
+            self.num_hit_tokens += num_hit_tokens
 
     def cache_full_pages(self, seq_id: str, num_computed: int, token_ids: Sequence[int]) -> None:
         """Make the sequence's pages that are now full findable by later requests."""

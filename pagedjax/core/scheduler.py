@@ -305,6 +305,7 @@ class Scheduler:
                     req.num_computed_tokens = 0
                 break
             self.waiting.pop()
+            self.kv_cache.record_prefix_query(req.num_tokens, start)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             self._add_chunk(out, req, num_new, scheduled)
