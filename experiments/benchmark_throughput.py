@@ -347,11 +347,13 @@ def _jsonable(x: Any) -> Any:
             return repr(x)
 
 
-def run_pagedjax(spec: ModelSpec, reqs: list[Request], args) -> EngineResult:
+def run_pagedjax(spec: ModelSpec, reqs: list[Request], args, attention_backend: str = "auto") -> EngineResult:
     from pagedjax import LLM, SamplingParams
 
     res = EngineResult("pagedjax", dtype=args.dtype)
     kwargs: dict[str, Any] = dict(model=spec.pagedjax_model, dtype=args.dtype, seed=0)
+    if attention_backend != "auto":
+        kwargs["attention_backend"] = attention_backend
     for k in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory"):
         v = getattr(args, k)
         if v is not None:
@@ -692,7 +694,7 @@ def format_table(results: list[EngineResult]) -> str:
         waste = (
             "-"
             if r.kv_waste is None
-            else f"{100 * r.kv_waste:.1f}%" + ("" if r.engine == "pagedjax" else "†")
+            else f"{100 * r.kv_waste:.1f}%" + ("" if r.engine.startswith("pagedjax") else "†")
         )
         ratio = "-"
         if pj and r is not pj and r.rate("out"):
@@ -717,7 +719,7 @@ def format_table(results: list[EngineResult]) -> str:
     notes = []
     if any(r.subset_of for r in results):
         notes.append("* timed on the first requests only; rates are extrapolated to the whole workload")
-    if any(r.kv_waste is not None and r.engine != "pagedjax" for r in results):
+    if any(r.kv_waste is not None and not r.engine.startswith("pagedjax") for r in results):
         notes.append("† analytic, not measured (static batches: padding slots at each batch's last step)")
     notes.append(
         "pagedjax x = pagedjax output tok/s / engine output tok/s; greedy = identical outputs among "
@@ -820,6 +822,13 @@ def parse_args(argv=None):
     g.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16"], help="pagedjax (and vllm) dtype"
     )
+    g.add_argument(
+        "--attention-backend",
+        default="auto",
+        help="pagedjax attention backend (auto, xla, cpu, pallas); a comma list such as xla,cpu runs "
+        "pagedjax once per backend in this run (an A/B): the first is the 'pagedjax' row, the others "
+        "'pagedjax[NAME]'",
+    )
     g.add_argument("--max-num-seqs", type=int, default=None)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument(
@@ -892,6 +901,11 @@ def parse_args(argv=None):
     for e in args.engine_list:
         if e not in ("pagedjax", "hf-serial", "vllm") and not (e.startswith("hf-batch") and e[8:].isdigit()):
             p.error(f"unknown engine {e!r}")
+    backends = [b.strip() for b in args.attention_backend.split(",") if b.strip()] or ["auto"]
+    args.attention_backends = {"pagedjax": backends[0], **{f"pagedjax[{b}]": b for b in backends[1:]}}
+    if "pagedjax" in args.engine_list:
+        i = args.engine_list.index("pagedjax") + 1
+        args.engine_list[i:i] = list(args.attention_backends)[1:]
     if "vllm" in args.engine_list and not args.vllm_python:
         p.error("engine vllm needs --vllm-python")
     return args
@@ -958,8 +972,9 @@ def main(argv=None) -> int:
     for eng in args.engine_list:
         print(f"[{eng}] running ...", flush=True)
         try:
-            if eng == "pagedjax":
-                res = run_pagedjax(spec, reqs, args)
+            if eng in args.attention_backends:
+                res = run_pagedjax(spec, reqs, args, args.attention_backends[eng])
+                res.engine = eng
             elif eng == "hf-serial":
                 res = run_hf(spec, reqs, args, None, model=hf_model(args.hf_dtype))
             elif eng.startswith("hf-batch"):
