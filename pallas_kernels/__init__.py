@@ -33,16 +33,41 @@ _BACKEND_FUNCTIONS = {
 }
 
 
-def resolve_backend(name: str = "auto", platform: str | None = None) -> str:
-    """Map "auto" to a concrete backend name for `platform` (default: JAX's default backend)."""
+def resolve_backend(
+    name: str = "auto",
+    platform: str | None = None,
+    *,
+    head_dim: int | None = None,
+    page_size: int | None = None,
+) -> str:
+    """Map "auto" to a concrete backend name for `platform` (default: JAX's default backend).
+
+    GPU: the Pallas/Triton kernel when the model's head_dim and the page size suit Triton (powers of
+    two, >= 16), else plain XLA. TPU: plain XLA (the Pallas kernel uses vector gathers Mosaic lacks).
+    CPU: the compiled FFI kernel when it builds here, else plain XLA.
+    """
     if name not in BACKENDS:
         raise ValueError(f"attention_backend must be one of {BACKENDS}, got {name!r}")
     if name != "auto":
         return name
     platform = platform or jax.default_backend()
-    if platform in ("gpu", "cuda", "rocm", "tpu"):
-        return "pallas"
+    if platform in ("gpu", "cuda", "rocm"):
+        return "pallas" if _triton_shapes_ok(head_dim, page_size) else "xla"
+    if platform == "tpu":
+        return "xla"
     return _auto_cpu_backend()
+
+
+def _triton_shapes_ok(head_dim: int | None, page_size: int | None) -> bool:
+    if head_dim is None or page_size is None:
+        return True
+    from pallas_kernels.ragged_paged_attention import _check_triton_shapes
+
+    try:
+        _check_triton_shapes(head_dim, page_size, 4)  # the kernel's default pages_per_chunk
+    except ValueError:
+        return False
+    return True
 
 
 def _auto_cpu_backend() -> str:
@@ -54,16 +79,17 @@ def _auto_cpu_backend() -> str:
     return "cpu" if getattr(cpu, "is_available", lambda: False)() else "xla"
 
 
-def get_attention_backend(name: str = "auto") -> Callable:
-    """Return the paged-attention function for `name` ("auto" picks the fastest correct one here)."""
-    module, attr = _BACKEND_FUNCTIONS[resolve_backend(name)]
+def get_attention_backend(name: str = "auto", **shape: int | None) -> Callable:
+    """Return the paged-attention function for `name` ("auto" picks the fastest correct one here;
+    `shape`: head_dim / page_size, see `resolve_backend`)."""
+    module, attr = _BACKEND_FUNCTIONS[resolve_backend(name, **shape)]
     return getattr(importlib.import_module(module), attr)
 
 
-def get_kv_writer(name: str = "auto") -> Callable:
+def get_kv_writer(name: str = "auto", **shape: int | None) -> Callable:
     """Return the KV-write function (signature of `reference.write_kv`) of backend `name`: the
     backend module's own `write_kv` when it has one, else the plain-XLA scatter."""
-    module, _ = _BACKEND_FUNCTIONS[resolve_backend(name)]
+    module, _ = _BACKEND_FUNCTIONS[resolve_backend(name, **shape)]
     return getattr(importlib.import_module(module), "write_kv", write_kv)
 
 

@@ -277,3 +277,16 @@ def test_engine_greedy_identical_xla_vs_pallas(model_dir):
         np.testing.assert_allclose(
             pallas.logits_array(rid_p, n), xla.logits_array(rid_x, n), rtol=0, atol=1e-4
         )
+
+
+def test_auto_backend_per_platform():
+    """auto: Pallas on GPU only for Triton-friendly shapes, plain XLA on TPU (no Mosaic version)."""
+    from pallas_kernels import resolve_backend
+
+    assert resolve_backend("auto", "gpu", head_dim=128, page_size=16) == "pallas"
+    assert resolve_backend("auto", "gpu", head_dim=80, page_size=16) == "xla"
+    assert resolve_backend("auto", "tpu", head_dim=128, page_size=16) == "xla"
+    assert resolve_backend("auto", "cpu") in ("cpu", "xla")
+    assert resolve_backend("pallas", "cpu") == "pallas"
+    with pytest.raises(ValueError, match="attention_backend"):
+        resolve_backend("mosaic")

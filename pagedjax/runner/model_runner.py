@@ -86,8 +86,9 @@ class ModelRunner:
         self.buckets = BucketPolicy(
             sched.max_num_seqs, sched.max_num_batched_tokens, sched.max_num_prefill_seqs
         )
-        self.attention_fn = get_attention_backend(attention_backend)
-        self.write_kv_fn = get_kv_writer(attention_backend)
+        shape = dict(head_dim=config.head_dim, page_size=cache.block_size)
+        self.attention_fn = get_attention_backend(attention_backend, **shape)
+        self.write_kv_fn = get_kv_writer(attention_backend, **shape)
         forward = get_forward(config)
 
         def model_step(params, k_cache, v_cache, inputs, all_logits):
