@@ -179,6 +179,12 @@ def build_app(
             raise OpenAIError(f"token ids must be in [0, {vocab})", param="tokens")
         return {"prompt": state.tokenizer.decode(body.tokens)}
 
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache():
+        """Drop every cached prefix (vLLM's endpoint); running requests keep their pages."""
+        dropped = await engine_client.call(lambda e: e.reset_prefix_cache())
+        return {"pages_dropped": dropped}
+
     @app.get("/metrics")
     async def prometheus():
         from prometheus_client import CONTENT_TYPE_LATEST

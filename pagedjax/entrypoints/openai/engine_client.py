@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagedjax.outputs import RequestOutput
-from pagedjax.sampling_params import SamplingParams
+from pagedjax.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger("pagedjax.server")
 
@@ -116,7 +116,10 @@ class AsyncEngineClient:
         if kind == "add":
             _, rid, prompt, params, priority, stream, fut = cmd
             try:
-                self.engine.add_request(rid, prompt, params, priority=priority)
+                if isinstance(params, BeamSearchParams):
+                    self.engine.add_beam_search_request(rid, prompt, params)
+                else:
+                    self.engine.add_request(rid, prompt, params, priority=priority)
             except BaseException as e:
                 fut.set_exception(e)
                 return

@@ -45,6 +45,18 @@ class _EngineCollector:
         yield counter("num_preemptions", "Cumulative preemptions.", m.get("num_preemptions", 0))
         yield counter("prompt_tokens", "Prompt tokens admitted.", m.get("prompt_tokens", 0))
         yield counter("generation_tokens", "Tokens generated.", m.get("generation_tokens", 0))
+        yield counter(
+            "prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            m.get("prefix_cache_queries", 0),
+        )
+        yield counter(
+            "prefix_cache_hits", "Prompt tokens found in the prefix cache.", m.get("prefix_cache_hits", 0)
+        )
+        yield counter(
+            "prefix_cache_evictions", "Cached pages evicted for reuse.", m.get("prefix_cache_evictions", 0)
+        )
+        yield gauge("kv_cache_pages_cached", "Pages holding a findable prefix.", m.get("kv_pages_cached", 0))
 
 
 class ServerMetrics:
