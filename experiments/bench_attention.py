@@ -6,9 +6,11 @@ and runs one masked softmax); the engine's CPU default is the chunked online-sof
 `paged_attention`. The "pallas" column is the Pallas ragged kernel (pallas_kernels/
 ragged_paged_attention.py): Triton on a GPU; on CPU it can only run in interpret mode, which checks
 correctness, not speed (the column says "interpret" there). All read the same page pool, so the table
-compares like with like. On a GPU the table also gives the kernel's achieved bandwidth (unique KV
-bytes read / time) against the device's: the spec peak where the device kind is known, and a
-measured device-to-device copy.
+compares like with like. The "cpu" column (on CPU, when it builds) is the compiled XLA:CPU FFI kernel
+(pallas_kernels/cpu/), the "auto" backend on CPU, with its speed-ups over the chunked and
+gather-everything XLA versions measured in the same run. On a GPU the table also gives the kernel's
+achieved bandwidth (unique KV bytes read / time) against the device's: the spec peak where the device
+kind is known, and a measured device-to-device copy.
 
     python experiments/bench_attention.py                 # the decode shape and two others
     python experiments/bench_attention.py --dtype bfloat16 --repeats 5 --output-json attn.json
@@ -30,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pallas_kernels import AttentionMetadata, gather_all_paged_attention, paged_attention  # noqa: E402
+from pallas_kernels import cpu as cpu_attention  # noqa: E402
 from pallas_kernels import ragged_paged_attention as pallas_attention  # noqa: E402
 from pallas_kernels.reference import to_storage  # noqa: E402
 
@@ -70,12 +73,15 @@ class Case:
     name: str
     decode_lens: list[int]  # context length of each decode row
     prefills: list[tuple[int, int]]  # (tokens already in the pool, new query tokens) per prefill seq
+    heads: tuple[int, int, int] | None = None  # (heads, kv heads, head_dim); None: the command line's
 
 
 def make_cases(rng: np.random.Generator) -> list[Case]:
     return [
         # The decode shape: 32 sequences, contexts up to 1,024 tokens.
         Case("decode 32 seqs, ctx<=1024", rng.integers(512, 1025, 32).tolist(), []),
+        # The ~125M benchmark model's decode step (12 q / 4 kv heads, d 64): 64 rows, contexts ~600.
+        Case("125M decode 64 seqs, ctx 400-800", rng.integers(400, 801, 64).tolist(), [], (12, 4, 64)),
         # (the gather-everything baseline materialises [rows, context, heads, dim]: keep these modest)
         Case("prefill 2x256", [], [(0, 256), (0, 256)]),
         Case(
@@ -157,6 +163,9 @@ def main() -> int:
     ap.add_argument(
         "--pallas", default="on", choices=["on", "off"], help="time the Pallas kernel (interpret mode on CPU)"
     )
+    ap.add_argument(
+        "--cpu", default="on", choices=["on", "off"], help="time the compiled CPU kernel (on CPU)"
+    )
     args = ap.parse_args()
     storage = jnp.uint16 if args.dtype == "bfloat16" else jnp.float32
     rng = np.random.default_rng(0)
@@ -165,8 +174,12 @@ def main() -> int:
     gather_all = jax.jit(
         lambda q, k, v, t, p, c: gather_all_paged_attention(q, k, v, 0, t, p, c, scale=scale)
     )
+    cpu = jax.jit(lambda q, k, v, m: cpu_attention.paged_attention(q, k, v, 0, m, scale=scale))
     pallas = jax.jit(lambda q, k, v, m: pallas_attention.paged_attention(q, k, v, 0, m, scale=scale))
     on_cpu = jax.default_backend() == "cpu"
+    use_cpu = on_cpu and args.cpu == "on" and cpu_attention.is_available()
+    if on_cpu and args.cpu == "on" and not use_cpu:
+        print(f"(no cpu column: {cpu_attention.unavailable_reason()})")
     use_pallas = args.pallas == "on"
     kind = jax.devices()[0].device_kind
     rows = []
@@ -179,13 +192,17 @@ def main() -> int:
         peak, copy_bw = peak_bandwidth_gb_s(kind), copy_bandwidth_gb_s()
         print(f"memory bandwidth: spec {peak or '?'} GB/s, measured copy {copy_bw:.0f} GB/s")
     head = "| shape | xla chunked (default) ms | xla gather-all ms | speed-up | chunked GB/s of KV read |"
+    if use_cpu:
+        head += " cpu kernel ms | vs chunked | vs gather-all | cpu GB/s of KV read |"
     if use_pallas:
         head += " pallas (interpret) ms |" if on_cpu else " pallas ms | pallas GB/s | % of spec | % of copy |"
     print(head)
     print("|---" * (head.count("|") - 1) + "|")
     for case in make_cases(rng):
+        heads, kv_heads, head_dim = case.heads or (args.heads, args.kv_heads, args.head_dim)
+        scale = head_dim**-0.5  # the jitted closures read it at trace time (one trace per shape)
         q, kc, vc, meta, (tt, tp, tc), kv_bytes = build_step(
-            case, args.heads, args.kv_heads, args.head_dim, args.page_size, storage, rng
+            case, heads, kv_heads, head_dim, args.page_size, storage, rng
         )
         a = chunked(q, kc, vc, meta)
         b = gather_all(q, kc, vc, tt, tp, tc)
@@ -193,18 +210,27 @@ def main() -> int:
         t_chunk = time_fn(chunked, (q, kc, vc, meta), args.repeats)
         t_all = time_fn(gather_all, (q, kc, vc, tt, tp, tc), args.repeats)
         extra = ""
+        if use_cpu:
+            c = cpu(q, kc, vc, meta)
+            err = max(err, float(jnp.max(jnp.abs(c - a))))
+            t_cpu = time_fn(cpu, (q, kc, vc, meta), args.repeats)
+            extra += (
+                f" {t_cpu * 1e3:.1f} | {t_chunk / t_cpu:.1f}x | {t_all / t_cpu:.1f}x | "
+                f"{kv_bytes / t_cpu / 1e9:.1f} |"
+            )
         if use_pallas:
             c = pallas(q, kc, vc, meta)
             err = max(err, float(jnp.max(jnp.abs(c - a))))
             t_pal = time_fn(pallas, (q, kc, vc, meta), args.repeats)
             pal_gb_s = kv_bytes / t_pal / 1e9
-            extra = f" {t_pal * 1e3:.1f} |"
+            extra += f" {t_pal * 1e3:.1f} |"
             if not on_cpu:
                 pct = f"{100 * pal_gb_s / peak:.0f}%" if peak else "?"
                 extra += f" {pal_gb_s:.0f} | {pct} | {100 * pal_gb_s / copy_bw:.0f}% |"
         rows.append(
             dict(
                 shape=case.name,
+                heads=[heads, kv_heads, head_dim],
                 chunked_ms=t_chunk * 1e3,
                 gather_all_ms=t_all * 1e3,
                 speedup=t_all / t_chunk,
@@ -212,6 +238,13 @@ def main() -> int:
                 kv_gb_per_s=kv_bytes / t_chunk / 1e9,
             )
         )
+        if use_cpu:
+            rows[-1].update(
+                cpu_ms=t_cpu * 1e3,
+                cpu_vs_chunked=t_chunk / t_cpu,
+                cpu_vs_gather_all=t_all / t_cpu,
+                cpu_kv_gb_per_s=kv_bytes / t_cpu / 1e9,
+            )
         if use_pallas:
             rows[-1].update(pallas_ms=t_pal * 1e3, pallas_interpret=on_cpu, pallas_kv_gb_per_s=pal_gb_s)
         r = rows[-1]

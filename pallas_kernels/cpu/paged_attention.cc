@@ -43,7 +43,13 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int BK = 16;  // keys per block (one 16-lane score vector per query vector)
+constexpr int BK = 16;
+#ifndef PJ_PREFETCH_BLOCKS
+#define PJ_PREFETCH_BLOCKS 1  // how many key blocks ahead to prefetch K/V rows
+#endif
+#ifndef PJ_PREFETCH_HINT
+#define PJ_PREFETCH_HINT 3
+#endif  // keys per block (one 16-lane score vector per query vector)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 enum class KvType { kF32, kBF16 };
@@ -170,45 +176,60 @@ inline __m512 hsum16x16(__m512* v) {
                        _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// scores[t] = dot(q, kbuf[t]) for the 16 rows of kbuf. NC: Dhp / 16 (0: runtime `nc`).
-template <int NC>
-inline __m512 block_scores(const float* q, const float* const* krow, int nc_rt) {
+// How a block's K/V rows are read. kRowF32: float rows (in the pool, or converted into the scratch
+// buffers). kRowBF16: bf16 rows read in place, 32 values per 64-byte load, split into the even and
+// the odd elements (one shift, one and); queries and accumulators then live in the same permuted
+// order (chunk 2j = even elements of values [32j, 32j + 32), chunk 2j + 1 = odd ones).
+enum RowMode { kRowF32 = 0, kRowBF16 = 1 };
+
+template <int MODE>
+inline __m512 ld_chunk(const void* row, int c) {
+  if constexpr (MODE == kRowF32) {
+    return _mm512_loadu_ps(static_cast<const float*>(row) + 16 * c);
+  } else {
+    const __m512i w = _mm512_loadu_si512(static_cast<const uint16_t*>(row) + 32 * (c >> 1));
+    return (c & 1) ? _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(int(0xFFFF0000u))))
+                   : _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+}
+
+// scores[t] = dot(q, row t) for the block's 16 K rows. NC: chunks of 16 per row (0: runtime `nc`).
+template <int NC, int MODE>
+inline __m512 block_scores(const float* q, const void* const* krow, int nc_rt) {
   const int nc = NC ? NC : nc_rt;
   __m512 part[BK];
   if constexpr (NC > 0 && NC <= 8) {
     __m512 qr[NC];
     for (int c = 0; c < NC; ++c) qr[c] = _mm512_loadu_ps(q + 16 * c);
     for (int t = 0; t < BK; ++t) {
-      const float* kr = krow[t];
-      __m512 s0 = _mm512_mul_ps(qr[0], _mm512_loadu_ps(kr));
-      __m512 s1 = _mm512_setzero_ps();
-      for (int c = 1; c < NC; ++c) {
+      __m512 s0 = _mm512_mul_ps(qr[0], ld_chunk<MODE>(krow[t], 0));
+      __m512 s1 = NC > 1 ? _mm512_mul_ps(qr[1], ld_chunk<MODE>(krow[t], 1)) : _mm512_setzero_ps();
+      for (int c = 2; c < NC; ++c) {
         if (c & 1)
-          s1 = _mm512_fmadd_ps(qr[c], _mm512_loadu_ps(kr + 16 * c), s1);
+          s1 = _mm512_fmadd_ps(qr[c], ld_chunk<MODE>(krow[t], c), s1);
         else
-          s0 = _mm512_fmadd_ps(qr[c], _mm512_loadu_ps(kr + 16 * c), s0);
+          s0 = _mm512_fmadd_ps(qr[c], ld_chunk<MODE>(krow[t], c), s0);
       }
       part[t] = _mm512_add_ps(s0, s1);
     }
   } else {
     for (int t = 0; t < BK; ++t) {
-      const float* kr = krow[t];
       __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
       int c = 0;
       for (; c + 1 < nc; c += 2) {
-        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * c), _mm512_loadu_ps(kr + 16 * c), s0);
-        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * c + 16), _mm512_loadu_ps(kr + 16 * c + 16), s1);
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * c), ld_chunk<MODE>(krow[t], c), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * c + 16), ld_chunk<MODE>(krow[t], c + 1), s1);
       }
-      if (c < nc) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * c), _mm512_loadu_ps(kr + 16 * c), s0);
+      if (c < nc) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * c), ld_chunk<MODE>(krow[t], c), s0);
       part[t] = _mm512_add_ps(s0, s1);
     }
   }
   return hsum16x16(part);
 }
 
-// acc[0:Dhp] = acc * alpha + sum_t p[t] * vbuf[t]   (t < n)
-template <int NC>
-inline void block_pv(float* acc, const float* p, const float* const* vrow, int n, float alpha, int nc_rt) {
+// acc = acc * alpha + sum_{t < n} p[t] * (V row t)
+template <int NC, int MODE>
+inline void block_pv(float* acc, const float* p, const void* const* vrow, int n, float alpha, int nc_rt) {
   const int nc = NC ? NC : nc_rt;
   const __m512 av = _mm512_set1_ps(alpha);
   if constexpr (NC > 0 && NC <= 8) {
@@ -216,23 +237,30 @@ inline void block_pv(float* acc, const float* p, const float* const* vrow, int n
     for (int c = 0; c < NC; ++c) a[c] = _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * c), av);
     for (int t = 0; t < n; ++t) {
       const __m512 pt = _mm512_set1_ps(p[t]);
-      const float* vr = vrow[t];
-      for (int c = 0; c < NC; ++c) a[c] = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vr + 16 * c), a[c]);
+      for (int c = 0; c < NC; ++c) a[c] = _mm512_fmadd_ps(pt, ld_chunk<MODE>(vrow[t], c), a[c]);
     }
     for (int c = 0; c < NC; ++c) _mm512_storeu_ps(acc + 16 * c, a[c]);
   } else {
     for (int c = 0; c < nc; ++c) {
       __m512 a = _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * c), av);
-      for (int t = 0; t < n; ++t)
-        a = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), _mm512_loadu_ps(vrow[t] + 16 * c), a);
+      for (int t = 0; t < n; ++t) a = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), ld_chunk<MODE>(vrow[t], c), a);
       _mm512_storeu_ps(acc + 16 * c, a);
     }
   }
 }
 #endif  // PJ_AVX512
 
+#if !PJ_AVX512
+enum RowMode { kRowF32 = 0, kRowBF16 = 1 };
+#endif
+
+// Position of value d in the even/odd-split order of kRowBF16.
+inline int permuted(int d) { return (d & ~31) | ((d & 1) << 4) | ((d & 31) >> 1); }
+
 // ---------------------------------------------------------------------------------------------
-template <int NC>
+// MODE: kRowF32 with DIRECT (f32 pool rows read in place), kRowBF16 (bf16 pool rows read in place,
+// permuted order), or kRowF32 without DIRECT (rows converted into the scratch buffers first).
+template <int NC, int MODE, bool DIRECT>
 void run_item(const Problem& pb, const Item& it, Scratch& s) {
   const int G = pb.G, Dh = pb.Dh, Dhp = pb.Dhp, H = pb.H;
   const int M = it.nr * G;
@@ -253,8 +281,11 @@ void run_item(const Problem& pb, const Item& it, Scratch& s) {
     for (int g = 0; g < G; ++g) {
       const float* src = pb.q + (size_t(it.row0 + r) * H + size_t(it.h) * G + g) * Dh;
       float* dst = qs + size_t(r * G + g) * Dhp;
-      for (int d = 0; d < Dh; ++d) dst[d] = src[d] * scale;
       for (int d = Dh; d < Dhp; ++d) dst[d] = 0.f;
+      if (MODE == kRowBF16)
+        for (int d = 0; d < Dh; ++d) dst[permuted(d)] = src[d] * scale;
+      else
+        for (int d = 0; d < Dh; ++d) dst[d] = src[d] * scale;
     }
   std::fill(acc, acc + size_t(M) * Dhp, 0.f);
   std::fill(mrow, mrow + M, kNegInf);
@@ -268,40 +299,62 @@ void run_item(const Problem& pb, const Item& it, Scratch& s) {
   const int64_t head_off = pb.head_base + int64_t(it.h) * pb.head_stride;
   const int64_t page_elems = pb.page * Dh;
 
-  const bool direct = pb.kv_type == KvType::kF32 && Dh == Dhp;  // read f32 rows in place
   const int64_t elem_bytes = pb.kv_type == KvType::kF32 ? 4 : 2;
   const int row_lines = int((Dh * elem_bytes + 63) / 64);
   const char* kbase = static_cast<const char*>(pb.k);
   const char* vbase = static_cast<const char*>(pb.v);
-  auto row_offset = [&](int k) {  // element offset of key position k's row in the pool
-    int64_t pg = it.table[k / pb.page];
-    pg = std::min<int64_t>(std::max<int64_t>(pg, 0), pb.P - 1);
-    return head_off + pg * page_elems + int64_t(k % pb.page) * Dh;
-  };
-  auto prefetch_block = [&](int kb) {
-    const int n = std::min(BK, hi - kb);
+  // Element offsets of the pool rows of key positions [kb, kb + n): one division per block.
+  auto block_offsets = [&](int kb, int n, int64_t* offs) {
+    int pi = kb / int(pb.page), po = kb - pi * int(pb.page);
+    int64_t base = 0;
+    bool fresh = true;
     for (int t = 0; t < n; ++t) {
-      const int64_t off = row_offset(kb + t) * elem_bytes;
+      if (fresh) {
+        int64_t pg = it.table[pi];
+        pg = std::min<int64_t>(std::max<int64_t>(pg, 0), pb.P - 1);
+        base = head_off + pg * page_elems;
+        fresh = false;
+      }
+      offs[t] = base + int64_t(po) * Dh;
+      if (++po == pb.page) po = 0, ++pi, fresh = true;
+    }
+  };
+  auto prefetch = [&](const int64_t* offs, int n) {
+    for (int t = 0; t < n; ++t) {
+      const int64_t off = offs[t] * elem_bytes;
       for (int c = 0; c < row_lines; ++c) {
-        __builtin_prefetch(kbase + off + 64 * c, 0, 3);
-        __builtin_prefetch(vbase + off + 64 * c, 0, 3);
+        __builtin_prefetch(kbase + off + 64 * c, 0, PJ_PREFETCH_HINT);
+        __builtin_prefetch(vbase + off + 64 * c, 0, PJ_PREFETCH_HINT);
       }
     }
   };
   std::fill(s.zero.begin(), s.zero.end(), 0.f);
-  const float* krow[BK];
-  const float* vrow[BK];
-  if (lo < hi) prefetch_block(lo);
+  const void* krow[BK];
+  const void* vrow[BK];
+  // Row offsets of the next PF + 1 blocks (a ring), prefetched PF blocks ahead of their use.
+  constexpr int PF = PJ_PREFETCH_BLOCKS;
+  int64_t ring[PF + 1][BK];
+  for (int b = 0; b < PF && lo + b * BK < hi; ++b) {
+    const int kb = lo + b * BK, n = std::min(BK, hi - kb);
+    block_offsets(kb, n, ring[b]);
+    prefetch(ring[b], n);
+  }
 
-  for (int kb = lo; kb < hi; kb += BK) {
+  for (int kb = lo, blk = 0; kb < hi; kb += BK, ++blk) {
     const int n = std::min(BK, hi - kb);
-    if (kb + BK < hi) prefetch_block(kb + BK);
-    // The block's K and V rows through the block table: in place (f32) or converted to f32.
+    const int ahead = kb + PF * BK;
+    if (ahead < hi) {
+      const int n2 = std::min(BK, hi - ahead);
+      block_offsets(ahead, n2, ring[(blk + PF) % (PF + 1)]);
+      prefetch(ring[(blk + PF) % (PF + 1)], n2);
+    }
+    const int64_t* offs_cur = ring[blk % (PF + 1)];
+    // The block's K and V rows through the block table: in place, or converted to f32.
     for (int t = 0; t < n; ++t) {
-      const int64_t off = row_offset(kb + t);
-      if (direct) {
-        krow[t] = static_cast<const float*>(pb.k) + off;
-        vrow[t] = static_cast<const float*>(pb.v) + off;
+      const int64_t off = offs_cur[t];
+      if (DIRECT) {
+        krow[t] = kbase + off * elem_bytes;
+        vrow[t] = vbase + off * elem_bytes;
       } else {
         load_row(pb, pb.k, off, kbuf + size_t(t) * Dhp);
         load_row(pb, pb.v, off, vbuf + size_t(t) * Dhp);
@@ -324,7 +377,7 @@ void run_item(const Problem& pb, const Item& it, Scratch& s) {
           continue;
         }
 #if PJ_AVX512
-        __m512 sv = block_scores<NC>(qs + size_t(m) * Dhp, krow, nc);
+        __m512 sv = block_scores<NC, MODE>(qs + size_t(m) * Dhp, krow, nc);
         if (pb.soft_cap > 0.f) {
           alignas(64) float tmp[BK];
           _mm512_store_ps(tmp, sv);
@@ -353,7 +406,7 @@ void run_item(const Problem& pb, const Item& it, Scratch& s) {
             sc[t] = kNegInf;
             continue;
           }
-          const float* kr = krow[t];
+          const float* kr = static_cast<const float*>(krow[t]);
           float d0 = 0.f;
 #pragma omp simd reduction(+ : d0)
           for (int d = 0; d < Dhp; ++d) d0 += qm[d] * kr[d];
@@ -376,14 +429,14 @@ void run_item(const Problem& pb, const Item& it, Scratch& s) {
     }
     for (int m = 0; m < M; ++m) {
 #if PJ_AVX512
-      block_pv<NC>(acc + size_t(m) * Dhp, pbuf + size_t(m) * BK, vrow, n, alpha[m], nc);
+      block_pv<NC, MODE>(acc + size_t(m) * Dhp, pbuf + size_t(m) * BK, vrow, n, alpha[m], nc);
 #else
       float* am = acc + size_t(m) * Dhp;
       const float* p = pbuf + size_t(m) * BK;
       for (int d = 0; d < Dhp; ++d) am[d] *= alpha[m];
       for (int t = 0; t < n; ++t) {
         const float pt = p[t];
-        const float* vr = vrow[t];
+        const float* vr = static_cast<const float*>(vrow[t]);
 #pragma omp simd
         for (int d = 0; d < Dhp; ++d) am[d] += pt * vr[d];
       }
@@ -397,18 +450,29 @@ void run_item(const Problem& pb, const Item& it, Scratch& s) {
       const float inv = lrow[m] > 0.f ? 1.f / lrow[m] : 0.f;
       float* dst = pb.out + (size_t(it.row0 + r) * H + size_t(it.h) * G + g) * Dh;
       const float* am = acc + size_t(m) * Dhp;
-      for (int d = 0; d < Dh; ++d) dst[d] = am[d] * inv;
+      if (MODE == kRowBF16)
+        for (int d = 0; d < Dh; ++d) dst[d] = am[permuted(d)] * inv;
+      else
+        for (int d = 0; d < Dh; ++d) dst[d] = am[d] * inv;
     }
+}
+
+template <int MODE, bool DIRECT>
+void run_item_nc(const Problem& pb, const Item& it, Scratch& s) {
+  switch (pb.Dhp / 16) {
+    case 4: return run_item<4, MODE, DIRECT>(pb, it, s);
+    case 8: return run_item<8, MODE, DIRECT>(pb, it, s);
+    default: return run_item<0, MODE, DIRECT>(pb, it, s);
+  }
 }
 
 void run_item_dispatch(const Problem& pb, const Item& it) {
   Scratch& s = thread_scratch();
-  switch (pb.Dhp / 16) {
-    case 2: return run_item<2>(pb, it, s);
-    case 4: return run_item<4>(pb, it, s);
-    case 8: return run_item<8>(pb, it, s);
-    default: return run_item<0>(pb, it, s);
-  }
+  if (pb.kv_type == KvType::kF32 && pb.Dh % 16 == 0) return run_item_nc<kRowF32, true>(pb, it, s);
+#if PJ_AVX512
+  if (pb.kv_type == KvType::kBF16 && pb.Dh % 32 == 0) return run_item_nc<kRowBF16, true>(pb, it, s);
+#endif
+  return run_item_nc<kRowF32, false>(pb, it, s);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -544,8 +608,8 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   const int forced = env_threads();
   if (forced >= 0) threads = forced;
   static const bool debug = std::getenv("PAGEDJAX_CPU_ATTN_DEBUG") != nullptr;
-  if (debug) std::fprintf(stderr, "pagedjax cpu attention: %zu items, pool threads %lld, helpers %lld\n", items.size(), (long long)pool.num_threads(), (long long)std::min<int64_t>(threads, int64_t(items.size()) - 1));
-  const int64_t helpers = std::min<int64_t>(threads, int64_t(items.size()) - 1);
+  if (debug) std::fprintf(stderr, "pagedjax cpu attention: %zu items, pool threads %lld, helpers %lld\n", items.size(), (long long)pool.num_threads(), (long long)std::min<int64_t>(threads - 1, int64_t(items.size()) - 1));
+  const int64_t helpers = std::min<int64_t>(threads - 1, int64_t(items.size()) - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state] { state->work(); });
   state->work();
   const int n = int(items.size());
