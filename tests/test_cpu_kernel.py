@@ -234,13 +234,18 @@ def test_inside_scan_with_traced_layer(bf16):
     assert np.abs(got[0] - got[1]).max() > 1e-2, "layers read different pool slices"
 
 
-def test_single_thread_gives_the_same_result(monkeypatch):
-    case = CASES[1]
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[10]], ids=str)
+def test_kernel_variants_agree(case, monkeypatch):
+    """One thread vs all; the register-resident row kernel (decode rows) vs the block kernel."""
     q, k32, v32, meta, _ = build_step(case, edge_plans(case)[2], 0)
-    f = lambda: np.asarray(cpu_kernel.paged_attention(q, k32, v32, LAYER, meta, scale=0.1))
-    multi = f()
-    monkeypatch.setenv("PAGEDJAX_CPU_ATTN_THREADS", "0")
-    np.testing.assert_array_equal(f(), multi)
+    k, v = storage(k32, case), storage(v32, case)
+    kw = dict(scale=case.Dh**-0.5, sliding_window=case.window, soft_cap=case.cap)
+    f = lambda: np.asarray(cpu_kernel.paged_attention(q, k, v, LAYER, meta, **kw))
+    default = f()
+    monkeypatch.setenv("PAGEDJAX_CPU_ATTN_THREADS", "1")
+    np.testing.assert_array_equal(f(), default)
+    monkeypatch.setenv("PAGEDJAX_CPU_ATTN_GENERIC", "1")
+    np.testing.assert_allclose(f(), default, rtol=0, atol=2e-6)
 
 
 def test_portable_build_without_avx512():

@@ -8,8 +8,16 @@ file, then renamed), so concurrent first uses are safe and later processes load 
 If there is no compiler or the build fails, `is_available()` is False (the reason is logged once and
 kept in `unavailable_reason()`) and the "auto" backend stays on plain XLA.
 
-`PAGEDJAX_CPU_KERNEL=0` disables it; `PAGEDJAX_CPU_ATTN_THREADS=N` caps the helper threads it schedules
-on XLA's intra-op pool (0: run on the calling thread only).
+How it runs: work items of (query rows, KV head) are claimed dynamically by the calling thread and by
+helpers scheduled on XLA's intra-op thread pool (the FFI `ThreadPool` context: 2 threads on a 2-core
+machine). A decode row's G query heads share every K/V row load (register-resident kernel for head_dim
+64/128); prefill rows go in blocks of a few rows per item. bf16 pools are read in place too (32 values
+per load, split into even/odd lanes, with queries permuted to match).
+
+Environment: `PAGEDJAX_CPU_KERNEL=0` disables it; `PAGEDJAX_KERNEL_CACHE=DIR` moves the build cache;
+`PAGEDJAX_CPU_ATTN_THREADS=N` uses at most N threads (1: the calling thread only);
+`PAGEDJAX_CPU_ATTN_GENERIC=1` forces the block kernel for decode rows too (tests, tuning);
+`PAGEDJAX_CPU_ATTN_DEBUG=1` prints the work split of each call.
 """
 
 from __future__ import annotations

@@ -64,6 +64,7 @@ struct Problem {
   int64_t P, page;
   int64_t head_base;  // element offset of (layer, kv head 0, page 0) in the pool
   int64_t head_stride;  // elements per kv head (P * page * Dh)
+  bool no_row_kernel;  // PAGEDJAX_CPU_ATTN_GENERIC=1: block kernel only (tests, tuning)
   float scale;
   float soft_cap;
   int window;  // 0: none
@@ -250,6 +251,54 @@ inline void block_pv(float* acc, const float* p, const void* const* vrow, int n,
 }
 #endif  // PJ_AVX512
 
+// Walks an item's keys in blocks of BK positions: pool row offsets through the block table (one
+// division per block) and software prefetch of the rows PF blocks ahead of their use.
+struct KvWalker {
+  static constexpr int PF = PJ_PREFETCH_BLOCKS;
+  const Problem& pb;
+  const int32_t* table;
+  int hi;
+  int64_t head_off, page_elems, elem_bytes;
+  int row_lines;
+  const char* kbase;
+  const char* vbase;
+  int64_t ring[PF + 1][BK];
+
+  KvWalker(const Problem& p, const Item& it, int lo, int hi_)
+      : pb(p), table(it.table), hi(hi_), head_off(p.head_base + int64_t(it.h) * p.head_stride),
+        page_elems(p.page * p.Dh), elem_bytes(p.kv_type == KvType::kF32 ? 4 : 2),
+        row_lines(int((p.Dh * elem_bytes + 63) / 64)), kbase(static_cast<const char*>(p.k)),
+        vbase(static_cast<const char*>(p.v)) {
+    for (int b = 0; b < PF && lo + b * BK < hi; ++b) fill(lo + b * BK, ring[b]);
+  }
+  // Element offsets of the rows of key positions [kb, kb + n) into offs, and prefetch them.
+  void fill(int kb, int64_t* offs) {
+    const int n = std::min(BK, hi - kb);
+    int pi = kb / int(pb.page), po = kb - pi * int(pb.page);
+    int64_t base = 0;
+    bool fresh = true;
+    for (int t = 0; t < n; ++t) {
+      if (fresh) {
+        const int64_t pg = std::min<int64_t>(std::max<int64_t>(table[pi], 0), pb.P - 1);
+        base = head_off + pg * page_elems;
+        fresh = false;
+      }
+      offs[t] = base + int64_t(po) * pb.Dh;
+      if (++po == pb.page) po = 0, ++pi, fresh = true;
+      const int64_t off = offs[t] * elem_bytes;
+      for (int c = 0; c < row_lines; ++c) {
+        __builtin_prefetch(kbase + off + 64 * c, 0, PJ_PREFETCH_HINT);
+        __builtin_prefetch(vbase + off + 64 * c, 0, PJ_PREFETCH_HINT);
+      }
+    }
+  }
+  // Offsets of block number blk (starting at kb); prefetches block blk + PF.
+  const int64_t* block(int kb, int blk) {
+    if (kb + PF * BK < hi) fill(kb + PF * BK, ring[(blk + PF) % (PF + 1)]);
+    return ring[blk % (PF + 1)];
+  }
+};
+
 #if !PJ_AVX512
 enum RowMode { kRowF32 = 0, kRowBF16 = 1 };
 #endif
@@ -296,65 +345,21 @@ void run_item(const Problem& pb, const Item& it, Scratch& s) {
   int hi = std::min<int64_t>(std::min(it.ctx, last_pos + 1), int64_t(it.table_len) * pb.page);
   int lo = 0;
   if (pb.window > 0) lo = std::max(0, it.pos0 - pb.window + 1);
-  const int64_t head_off = pb.head_base + int64_t(it.h) * pb.head_stride;
-  const int64_t page_elems = pb.page * Dh;
-
-  const int64_t elem_bytes = pb.kv_type == KvType::kF32 ? 4 : 2;
-  const int row_lines = int((Dh * elem_bytes + 63) / 64);
-  const char* kbase = static_cast<const char*>(pb.k);
-  const char* vbase = static_cast<const char*>(pb.v);
-  // Element offsets of the pool rows of key positions [kb, kb + n): one division per block.
-  auto block_offsets = [&](int kb, int n, int64_t* offs) {
-    int pi = kb / int(pb.page), po = kb - pi * int(pb.page);
-    int64_t base = 0;
-    bool fresh = true;
-    for (int t = 0; t < n; ++t) {
-      if (fresh) {
-        int64_t pg = it.table[pi];
-        pg = std::min<int64_t>(std::max<int64_t>(pg, 0), pb.P - 1);
-        base = head_off + pg * page_elems;
-        fresh = false;
-      }
-      offs[t] = base + int64_t(po) * Dh;
-      if (++po == pb.page) po = 0, ++pi, fresh = true;
-    }
-  };
-  auto prefetch = [&](const int64_t* offs, int n) {
-    for (int t = 0; t < n; ++t) {
-      const int64_t off = offs[t] * elem_bytes;
-      for (int c = 0; c < row_lines; ++c) {
-        __builtin_prefetch(kbase + off + 64 * c, 0, PJ_PREFETCH_HINT);
-        __builtin_prefetch(vbase + off + 64 * c, 0, PJ_PREFETCH_HINT);
-      }
-    }
-  };
+  KvWalker walk(pb, it, lo, hi);
+  const int64_t elem_bytes = walk.elem_bytes;
   std::fill(s.zero.begin(), s.zero.end(), 0.f);
   const void* krow[BK];
   const void* vrow[BK];
-  // Row offsets of the next PF + 1 blocks (a ring), prefetched PF blocks ahead of their use.
-  constexpr int PF = PJ_PREFETCH_BLOCKS;
-  int64_t ring[PF + 1][BK];
-  for (int b = 0; b < PF && lo + b * BK < hi; ++b) {
-    const int kb = lo + b * BK, n = std::min(BK, hi - kb);
-    block_offsets(kb, n, ring[b]);
-    prefetch(ring[b], n);
-  }
 
   for (int kb = lo, blk = 0; kb < hi; kb += BK, ++blk) {
     const int n = std::min(BK, hi - kb);
-    const int ahead = kb + PF * BK;
-    if (ahead < hi) {
-      const int n2 = std::min(BK, hi - ahead);
-      block_offsets(ahead, n2, ring[(blk + PF) % (PF + 1)]);
-      prefetch(ring[(blk + PF) % (PF + 1)], n2);
-    }
-    const int64_t* offs_cur = ring[blk % (PF + 1)];
+    const int64_t* offs_cur = walk.block(kb, blk);
     // The block's K and V rows through the block table: in place, or converted to f32.
     for (int t = 0; t < n; ++t) {
       const int64_t off = offs_cur[t];
       if (DIRECT) {
-        krow[t] = kbase + off * elem_bytes;
-        vrow[t] = vbase + off * elem_bytes;
+        krow[t] = walk.kbase + off * elem_bytes;
+        vrow[t] = walk.vbase + off * elem_bytes;
       } else {
         load_row(pb, pb.k, off, kbuf + size_t(t) * Dhp);
         load_row(pb, pb.v, off, vbuf + size_t(t) * Dhp);
@@ -457,6 +462,124 @@ void run_item(const Problem& pb, const Item& it, Scratch& s) {
     }
 }
 
+#if PJ_AVX512
+// One query row of a GQA group (M = G query heads, one position), K/V read in place: the M query
+// vectors and M accumulators stay in registers; each K/V row chunk is loaded (and converted) once and
+// used by all M heads. This is the decode path: memory-bound, so loads are what it minimises.
+template <int M, int NC, int MODE>
+void run_row(const Problem& pb, const Item& it) {
+  const int Dh = pb.Dh, H = pb.H;
+  const int pos = it.pos0;
+  const int hi = std::min<int64_t>(std::min(it.ctx, pos + 1), int64_t(it.table_len) * pb.page);
+  const int lo = pb.window > 0 ? std::max(0, pos - pb.window + 1) : 0;
+  const float* qsrc = pb.q + (size_t(it.row0) * H + size_t(it.h) * M) * Dh;
+  float* dst = pb.out + (size_t(it.row0) * H + size_t(it.h) * M) * Dh;
+  if (lo >= hi) {
+    std::memset(dst, 0, sizeof(float) * M * Dh);
+    return;
+  }
+  alignas(64) float qtmp[M][NC * 16];
+  for (int m = 0; m < M; ++m)
+    for (int d = 0; d < Dh; ++d) qtmp[m][MODE == kRowBF16 ? permuted(d) : d] = qsrc[size_t(m) * Dh + d] * pb.scale;
+  __m512 q[M][NC], acc[M][NC];
+  for (int m = 0; m < M; ++m)
+    for (int c = 0; c < NC; ++c) q[m][c] = _mm512_load_ps(&qtmp[m][16 * c]), acc[m][c] = _mm512_setzero_ps();
+  float mrow[M], lrow[M];
+  for (int m = 0; m < M; ++m) mrow[m] = kNegInf, lrow[m] = 0.f;
+  alignas(64) float zero[NC * 16] = {};
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+
+  KvWalker walk(pb, it, lo, hi);
+  for (int kb = lo, blk = 0; kb < hi; kb += BK, ++blk) {
+    const int n = std::min(BK, hi - kb);
+    const int64_t* offs = walk.block(kb, blk);
+    const void* krow[BK];
+    const void* vrow[BK];
+    for (int t = 0; t < n; ++t) {
+      krow[t] = walk.kbase + offs[t] * walk.elem_bytes;
+      vrow[t] = walk.vbase + offs[t] * walk.elem_bytes;
+    }
+    for (int t = n; t < BK; ++t) krow[t] = vrow[t] = zero;
+    // Scores: part[m][t] holds 16 partial sums of q[m] . k[t].
+    __m512 part[M][BK];
+    for (int t = 0; t < BK; ++t) {
+      __m512 kc[NC];
+      for (int c = 0; c < NC; ++c) kc[c] = ld_chunk<MODE>(krow[t], c);
+      for (int m = 0; m < M; ++m) {
+        __m512 s0 = _mm512_mul_ps(q[m][0], kc[0]);
+        __m512 s1 = NC > 1 ? _mm512_mul_ps(q[m][1], kc[1]) : _mm512_setzero_ps();
+        for (int c = 2; c < NC; ++c) {
+          if (c & 1)
+            s1 = _mm512_fmadd_ps(q[m][c], kc[c], s1);
+          else
+            s0 = _mm512_fmadd_ps(q[m][c], kc[c], s0);
+        }
+        part[m][t] = _mm512_add_ps(s0, s1);
+      }
+    }
+    const __m512i kv = _mm512_add_epi32(_mm512_set1_epi32(kb), iota);
+    const __mmask16 valid = _mm512_cmplt_epi32_mask(kv, _mm512_set1_epi32(hi)) &
+                            _mm512_cmpge_epi32_mask(kv, _mm512_set1_epi32(lo));
+    alignas(64) float p[M][BK];
+    for (int m = 0; m < M; ++m) {
+      __m512 sv = hsum16x16(part[m]);
+      if (pb.soft_cap > 0.f) {
+        alignas(64) float tmp[BK];
+        _mm512_store_ps(tmp, sv);
+        for (int t = 0; t < BK; ++t) tmp[t] = pb.soft_cap * std::tanh(tmp[t] / pb.soft_cap);
+        sv = _mm512_load_ps(tmp);
+      }
+      const float m_new = std::max(mrow[m], _mm512_mask_reduce_max_ps(valid, sv));
+      const float a = std::exp(mrow[m] - m_new);  // 0 when mrow was -inf
+      const __m512 pv = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(m_new))));
+      lrow[m] = lrow[m] * a + _mm512_reduce_add_ps(pv);
+      mrow[m] = m_new;
+      _mm512_store_ps(p[m], pv);
+      const __m512 av = _mm512_set1_ps(a);
+      for (int c = 0; c < NC; ++c) acc[m][c] = _mm512_mul_ps(acc[m][c], av);
+    }
+    for (int t = 0; t < n; ++t) {
+      __m512 vc[NC];
+      for (int c = 0; c < NC; ++c) vc[c] = ld_chunk<MODE>(vrow[t], c);
+      for (int m = 0; m < M; ++m) {
+        const __m512 pt = _mm512_set1_ps(p[m][t]);
+        for (int c = 0; c < NC; ++c) acc[m][c] = _mm512_fmadd_ps(pt, vc[c], acc[m][c]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    const __m512 inv = _mm512_set1_ps(lrow[m] > 0.f ? 1.f / lrow[m] : 0.f);
+    for (int c = 0; c < NC; ++c) _mm512_store_ps(&qtmp[m][16 * c], _mm512_mul_ps(acc[m][c], inv));
+    for (int d = 0; d < Dh; ++d) dst[size_t(m) * Dh + d] = qtmp[m][MODE == kRowBF16 ? permuted(d) : d];
+  }
+}
+
+template <int NC, int MODE>
+bool run_row_g(const Problem& pb, const Item& it) {
+  // f32 rows: only where queries and accumulators fit in registers (G * NC <= 12); beyond that the
+  // block kernel was as fast or faster. bf16 rows: converting each row chunk once pays off.
+  if (MODE == kRowF32 && pb.G * NC > 12) return false;
+  switch (pb.G) {
+    case 1: return run_row<1, NC, MODE>(pb, it), true;
+    case 2: return run_row<2, NC, MODE>(pb, it), true;
+    case 3: return run_row<3, NC, MODE>(pb, it), true;
+    case 4: return run_row<4, NC, MODE>(pb, it), true;
+    case 6: return run_row<6, NC, MODE>(pb, it), true;
+    case 8: return run_row<8, NC, MODE>(pb, it), true;
+    default: return false;
+  }
+}
+
+// The register-resident single-row kernel where it applies (one query row, common G and head_dim).
+template <int MODE>
+bool try_run_row(const Problem& pb, const Item& it) {
+  if (it.nr != 1) return false;
+  if (pb.Dh == 64) return run_row_g<4, MODE>(pb, it);
+  if (pb.Dh == 128) return run_row_g<8, MODE>(pb, it);
+  return false;
+}
+#endif  // PJ_AVX512
+
 template <int MODE, bool DIRECT>
 void run_item_nc(const Problem& pb, const Item& it, Scratch& s) {
   switch (pb.Dhp / 16) {
@@ -467,6 +590,12 @@ void run_item_nc(const Problem& pb, const Item& it, Scratch& s) {
 }
 
 void run_item_dispatch(const Problem& pb, const Item& it) {
+#if PJ_AVX512
+  if (!pb.no_row_kernel) {
+    if (pb.kv_type == KvType::kF32 && try_run_row<kRowF32>(pb, it)) return;
+    if (pb.kv_type == KvType::kBF16 && try_run_row<kRowBF16>(pb, it)) return;
+  }
+#endif
   Scratch& s = thread_scratch();
   if (pb.kv_type == KvType::kF32 && pb.Dh % 16 == 0) return run_item_nc<kRowF32, true>(pb, it, s);
 #if PJ_AVX512
@@ -543,6 +672,8 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   pb.k = k_cache.untyped_data();
   pb.v = v_cache.untyped_data();
   pb.scale = scale;
+  const bool generic_only = std::getenv("PAGEDJAX_CPU_ATTN_GENERIC") != nullptr;
+  pb.no_row_kernel = generic_only;
   pb.soft_cap = soft_cap;
   pb.window = sliding_window > 0 ? sliding_window : 0;
   int64_t layer = layer_buf.typed_data()[0];
@@ -580,7 +711,11 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
     const int pw = p_tables.dimensions().size() == 2 ? int(p_tables.dimensions()[1]) : 0;
     const int nps = std::min(Sp, std::max(0, num_prefill.typed_data()[0]));
     // Rows per block: enough query vectors (rows x G) to reuse each K/V block, few enough for L1.
+#ifndef PJ_TARGET_M
     const int target_m = pb.Dhp >= 128 ? 32 : 64;
+#else
+    const int target_m = PJ_TARGET_M;
+#endif
     const int qb = std::max(1, target_m / pb.G);
     for (int j = 0; j < nps; ++j) {
       const int ctx = p_ctx.typed_data()[j];
