@@ -47,6 +47,12 @@ constexpr int BK = 16;
 #ifndef PJ_PREFETCH_BLOCKS
 #define PJ_PREFETCH_BLOCKS 1  // how many key blocks ahead to prefetch K/V rows
 #endif
+#ifndef PJ_PREFETCH_DECODE
+#define PJ_PREFETCH_DECODE 1
+#endif
+#ifndef PJ_PREFETCH_PREFILL
+#define PJ_PREFETCH_PREFILL 0
+#endif
 #ifndef PJ_PREFETCH_HINT
 #define PJ_PREFETCH_HINT 3
 #endif  // keys per block (one 16-lane score vector per query vector)
@@ -83,7 +89,7 @@ struct Item {
 // ---------------------------------------------------------------------------------------------
 // Per-thread scratch (grown, never shrunk: no allocation in steady state).
 struct Scratch {
-  std::vector<float> qs, acc, kbuf, vbuf, zero, p, m, l, alpha;
+  std::vector<float> qs, acc, kbuf, vbuf, zero, p, m, l, alpha, bmax;
   void ensure(int M, int Dhp) {
     auto grow = [](std::vector<float>& v, size_t n) {
       if (v.size() < n) v.resize(n);
@@ -97,6 +103,7 @@ struct Scratch {
     grow(m, M);
     grow(l, M);
     grow(alpha, M);
+    grow(bmax, M);
   }
 };
 
@@ -262,10 +269,11 @@ struct KvWalker {
   int row_lines;
   const char* kbase;
   const char* vbase;
+  bool prefetch;
   int64_t ring[PF + 1][BK];
 
-  KvWalker(const Problem& p, const Item& it, int lo, int hi_)
-      : pb(p), table(it.table), hi(hi_), head_off(p.head_base + int64_t(it.h) * p.head_stride),
+  KvWalker(const Problem& p, const Item& it, int lo, int hi_, bool prefetch_)
+      : pb(p), table(it.table), hi(hi_), prefetch(prefetch_), head_off(p.head_base + int64_t(it.h) * p.head_stride),
         page_elems(p.page * p.Dh), elem_bytes(p.kv_type == KvType::kF32 ? 4 : 2),
         row_lines(int((p.Dh * elem_bytes + 63) / 64)), kbase(static_cast<const char*>(p.k)),
         vbase(static_cast<const char*>(p.v)) {
@@ -285,10 +293,12 @@ struct KvWalker {
       }
       offs[t] = base + int64_t(po) * pb.Dh;
       if (++po == pb.page) po = 0, ++pi, fresh = true;
-      const int64_t off = offs[t] * elem_bytes;
-      for (int c = 0; c < row_lines; ++c) {
-        __builtin_prefetch(kbase + off + 64 * c, 0, PJ_PREFETCH_HINT);
-        __builtin_prefetch(vbase + off + 64 * c, 0, PJ_PREFETCH_HINT);
+      if (PF > 0 && prefetch) {
+        const int64_t off = offs[t] * elem_bytes;
+        for (int c = 0; c < row_lines; ++c) {
+          __builtin_prefetch(kbase + off + 64 * c, 0, PJ_PREFETCH_HINT);
+          __builtin_prefetch(vbase + off + 64 * c, 0, PJ_PREFETCH_HINT);
+        }
       }
     }
   }
@@ -323,6 +333,7 @@ void run_item(const Problem& pb, const Item& it, Scratch& s) {
   float* mrow = s.m.data();
   float* lrow = s.l.data();
   float* alpha = s.alpha.data();
+  float* bmax = s.bmax.data();
 
   // Query vectors of the block, m = r * G + g, pre-scaled (as the reference does).
   const float scale = pb.scale;
@@ -345,7 +356,7 @@ void run_item(const Problem& pb, const Item& it, Scratch& s) {
   int hi = std::min<int64_t>(std::min(it.ctx, last_pos + 1), int64_t(it.table_len) * pb.page);
   int lo = 0;
   if (pb.window > 0) lo = std::max(0, it.pos0 - pb.window + 1);
-  KvWalker walk(pb, it, lo, hi);
+  KvWalker walk(pb, it, lo, hi, PJ_PREFETCH_PREFILL);
   const int64_t elem_bytes = walk.elem_bytes;
   std::fill(s.zero.begin(), s.zero.end(), 0.f);
   const void* krow[BK];
@@ -378,10 +389,12 @@ void run_item(const Problem& pb, const Item& it, Scratch& s) {
         float* p = pbuf + size_t(m) * BK;
         if (kmax < kb || kmin > kb + n - 1) {  // nothing visible in this block
           alpha[m] = 1.f;
-          std::fill(p, p + BK, 0.f);
+          bmax[m] = kNegInf;
+          std::fill(p, p + BK, PJ_AVX512 ? kNegInf : 0.f);  // AVX-512: phase 2 turns -inf into 0
           continue;
         }
 #if PJ_AVX512
+        // Phase 1 (independent across m): masked scores into p, their max into bmax.
         __m512 sv = block_scores<NC, MODE>(qs + size_t(m) * Dhp, krow, nc);
         if (pb.soft_cap > 0.f) {
           alignas(64) float tmp[BK];
@@ -393,14 +406,8 @@ void run_item(const Problem& pb, const Item& it, Scratch& s) {
                                             _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
         const __mmask16 valid = _mm512_cmple_epi32_mask(kv, _mm512_set1_epi32(kmax)) &
                                 _mm512_cmpge_epi32_mask(kv, _mm512_set1_epi32(kmin));
-        const float bmax = _mm512_mask_reduce_max_ps(valid, sv);
-        const float m_new = std::max(mrow[m], bmax);
-        const float a = std::exp(mrow[m] - m_new);  // 0 when mrow was -inf
-        const __m512 pv = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(m_new))));
-        lrow[m] = lrow[m] * a + _mm512_reduce_add_ps(pv);
-        mrow[m] = m_new;
-        alpha[m] = a;
-        _mm512_storeu_ps(p, pv);
+        _mm512_storeu_ps(p, _mm512_mask_blend_ps(valid, _mm512_set1_ps(kNegInf), sv));
+        bmax[m] = _mm512_mask_reduce_max_ps(valid, sv);
 #else
         const float* qm = qs + size_t(m) * Dhp;
         float sc[BK];
@@ -432,6 +439,31 @@ void run_item(const Problem& pb, const Item& it, Scratch& s) {
 #endif
       }
     }
+#if PJ_AVX512
+    // Phase 2 (independent across m, so the out-of-order core overlaps the rows' latency chains):
+    // new running max, rescale factor, probabilities, running sum.
+    for (int m0 = 0; m0 < M; m0 += 16) {
+      const __mmask16 mk = M - m0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (M - m0)) - 1);
+      const __m512 m_old = _mm512_maskz_loadu_ps(mk, mrow + m0);
+      const __m512 m_new = _mm512_max_ps(m_old, _mm512_maskz_loadu_ps(mk, bmax + m0));
+      const __m512 ninf = _mm512_set1_ps(kNegInf);
+      // alpha = exp(m_old - m_new): 1 where nothing was seen yet (m_new = -inf), ~0 where m_old = -inf
+      const __mmask16 seen = _mm512_cmp_ps_mask(m_new, ninf, _CMP_NEQ_OQ);
+      const __m512 diff = _mm512_maskz_sub_ps(seen, m_old, m_new);
+      const __m512 a = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(m_old, ninf, _CMP_EQ_OQ) & seen,
+                                            exp512(diff), _mm512_setzero_ps());
+      _mm512_mask_storeu_ps(alpha + m0, mk, a);
+      _mm512_mask_storeu_ps(mrow + m0, mk, m_new);
+    }
+    for (int m = 0; m < M; ++m) {
+      float* p = pbuf + size_t(m) * BK;
+      const __m512 sv = _mm512_loadu_ps(p);
+      const __mmask16 valid = _mm512_cmp_ps_mask(sv, _mm512_set1_ps(kNegInf), _CMP_NEQ_OQ);
+      const __m512 pv = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(mrow[m]))));
+      lrow[m] = lrow[m] * alpha[m] + _mm512_reduce_add_ps(pv);
+      _mm512_storeu_ps(p, pv);
+    }
+#endif
     for (int m = 0; m < M; ++m) {
 #if PJ_AVX512
       block_pv<NC, MODE>(acc + size_t(m) * Dhp, pbuf + size_t(m) * BK, vrow, n, alpha[m], nc);
@@ -489,7 +521,7 @@ void run_row(const Problem& pb, const Item& it) {
   alignas(64) float zero[NC * 16] = {};
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 
-  KvWalker walk(pb, it, lo, hi);
+  KvWalker walk(pb, it, lo, hi, PJ_PREFETCH_DECODE);
   for (int kb = lo, blk = 0; kb < hi; kb += BK, ++blk) {
     const int n = std::min(BK, hi - kb);
     const int64_t* offs = walk.block(kb, blk);
