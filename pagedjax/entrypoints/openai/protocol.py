@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 def random_id(prefix: str) -> str:
@@ -19,7 +19,39 @@ def random_id(prefix: str) -> str:
 
 
 class OpenAIBaseModel(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # NaN / Infinity (which Python's JSON parser accepts) are a 400, not a sampling parameter.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+def _first_unencodable(value: Any) -> str | None:
+    """A string in `value` (nested lists/dicts, keys too) that is not valid Unicode, e.g. a lone
+    surrogate from a JSON `"\\ud800"` escape; the tokenizer and the UTF-8 response encoder reject those."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return v
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return None
+
+
+class OpenAIRequest(OpenAIBaseModel):
+    """A request body: text fields must be valid Unicode (a 400 otherwise, not a tokenizer crash)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        bad = _first_unencodable(data)
+        if bad is not None:
+            raise ValueError(f"invalid Unicode (lone surrogate) in string {bad[:40]!r}")
+        return data
 
 
 class ErrorInfo(OpenAIBaseModel):
@@ -44,7 +76,7 @@ class UsageInfo(OpenAIBaseModel):
     total_tokens: int = 0
 
 
-class _SamplingFields(OpenAIBaseModel):
+class _SamplingFields(OpenAIRequest):
     """Fields shared by completions and chat (OpenAI's and vLLM's extras)."""
 
     model: str | None = None
@@ -111,7 +143,7 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
-class TokenizeRequest(OpenAIBaseModel):
+class TokenizeRequest(OpenAIRequest):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -119,7 +151,7 @@ class TokenizeRequest(OpenAIBaseModel):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(OpenAIBaseModel):
+class DetokenizeRequest(OpenAIRequest):
     model: str | None = None
     tokens: list[int]
 

@@ -91,7 +91,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
         raise OpenAIError("top_logprobs must be >= 0", param="top_logprobs")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = make_sampling_params(
-        req, max_tokens=max_tokens, logprobs=(req.top_logprobs or 0) if req.logprobs else None
+        state, req, max_tokens=max_tokens, logprobs=(req.top_logprobs or 0) if req.logprobs else None
     )
     text, ids = render_chat(
         state, req.messages, req.add_generation_prompt, req.continue_final_message, req.chat_template_kwargs

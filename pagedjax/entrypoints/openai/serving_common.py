@@ -86,8 +86,15 @@ class ServerState:
         return self.client.tokenizer.decode([token_id])
 
 
-def make_sampling_params(req, **overrides: Any) -> SamplingParams:
-    """SamplingParams from the request's fields; a bad value becomes a 400 naming the field."""
+def make_sampling_params(state: ServerState, req, **overrides: Any) -> SamplingParams:
+    """SamplingParams from the request's fields; a bad value becomes a 400 naming the field.
+
+    Token ids are checked against the vocabulary here, before the request reaches the engine (whose
+    batched sampler packs them into int32 arrays): out-of-vocab `logit_bias` keys are a 400 (as in
+    vLLM); `stop_token_ids` that can never be sampled are dropped and `top_k >= vocab` means "all
+    tokens" (0), which changes no output.
+    """
+    vocab = state.client.vocab_size
     fields = dict(
         n=req.n,
         temperature=1.0 if req.temperature is None else req.temperature,
@@ -107,10 +114,20 @@ def make_sampling_params(req, **overrides: Any) -> SamplingParams:
         logit_bias=req.logit_bias,
     )
     fields.update(overrides)
+    if fields["top_k"] >= vocab:
+        fields["top_k"] = 0
+    if fields["stop_token_ids"]:
+        fields["stop_token_ids"] = [t for t in fields["stop_token_ids"] if t < vocab]
     try:
-        return SamplingParams(**fields)
+        params = SamplingParams(**fields)
     except (ValueError, TypeError) as e:
         raise OpenAIError(str(e), 400, param=param_of(str(e))) from None
+    bad = sorted(t for t in params.logit_bias or () if t >= vocab)
+    if bad:
+        raise OpenAIError(
+            f"logit_bias token ids {bad[:8]} are out of the vocabulary (size {vocab})", param="logit_bias"
+        )
+    return params
 
 
 async def open_streams(
