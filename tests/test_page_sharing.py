@@ -248,3 +248,13 @@ def test_beam_search_rejects_bad_params(llm):
         llm.beam_search([BASE], BeamSearchParams(beam_width=32, max_tokens=4))
     with pytest.raises(InvalidRequestError, match="max_model_len"):
         llm.beam_search([BASE], BeamSearchParams(beam_width=2, max_tokens=5000))
+
+
+def test_prompt_logprobs_requests_skip_the_prefix_cache(llm):
+    """vLLM's rule: positions adopted from the cache are never computed, so a request that wants
+    prompt logprobs computes its whole prompt (and gets a logprob for every prompt token)."""
+    sp = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+    first, again = (llm.generate([{"prompt_token_ids": BASE}], sp, use_tqdm=False)[0] for _ in range(2))
+    assert again.num_cached_tokens == 0
+    assert len(again.prompt_logprobs) == len(BASE) and all(d is not None for d in again.prompt_logprobs[1:])
+    assert again.prompt_logprobs == first.prompt_logprobs

@@ -253,6 +253,8 @@ class Scheduler:
 
     def _admit_with_cached_prefix(self, req: Request) -> None:
         """Adopt the prefix cache's pages for a request that holds none (new or preempted)."""
+        if req.sampling_params.prompt_logprobs is not None:
+            return  # vLLM's rule: prompt logprobs need every prompt position computed
         if req.num_computed_tokens == 0 and req.request_id not in self.kv_cache.block_tables:
             salt = (req.cache_salt or "").encode()
             tokens = req.token_ids_slice(0, req.num_tokens)

@@ -101,6 +101,9 @@ class _SamplingFields(OpenAIRequest):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     priority: int = 0
+    use_beam_search: bool = False  # beam_width = n (vLLM's extra)
+    length_penalty: float = 1.0  # beam search only
+    cache_salt: str | None = None  # share prefix-cache pages only with requests of the same salt
 
 
 class CompletionRequest(_SamplingFields):

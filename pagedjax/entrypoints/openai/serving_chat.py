@@ -100,7 +100,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     created = int(time.time())
     model = req.model or state.model_name
     streams = await open_streams(
-        state, request_id, [{"prompt": text, "prompt_token_ids": ids}], params, req.priority
+        state, request_id, [{"prompt": text, "prompt_token_ids": ids}], params, req.priority, req
     )
     if req.stream:
         return StreamingResponse(

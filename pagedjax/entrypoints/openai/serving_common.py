@@ -15,7 +15,7 @@ from starlette.requests import Request
 from pagedjax.engine.llm_engine import InvalidRequestError
 from pagedjax.entrypoints.openai.engine_client import AsyncEngineClient, EngineDeadError, RequestStream
 from pagedjax.outputs import RequestOutput
-from pagedjax.sampling_params import SamplingParams
+from pagedjax.sampling_params import BeamSearchParams, SamplingParams
 
 
 class OpenAIError(Exception):
@@ -130,11 +130,40 @@ def make_sampling_params(state: ServerState, req, **overrides: Any) -> SamplingP
     return params
 
 
+def engine_params(req, params: SamplingParams) -> SamplingParams | BeamSearchParams:
+    """What the engine gets: the sampling params, or beam-search params for `use_beam_search`
+    (beam width = n; the n best hypotheses become the n choices)."""
+    if not req.use_beam_search:
+        return params
+    for name, bad in (("stream", req.stream), ("logprobs", bool(getattr(req, "logprobs", None)))):
+        if bad:
+            raise OpenAIError(f"{name} is not supported with use_beam_search", param=name)
+    try:
+        return BeamSearchParams(
+            beam_width=req.n,
+            max_tokens=params.max_tokens or 16,
+            length_penalty=req.length_penalty,
+            ignore_eos=req.ignore_eos,
+        )
+    except ValueError as e:
+        raise OpenAIError(str(e), 400, param=param_of(str(e))) from None
+
+
 async def open_streams(
-    state: ServerState, base_id: str, prompts: list[dict], params: SamplingParams, priority: int
+    state: ServerState,
+    base_id: str,
+    prompts: list[dict],
+    params: SamplingParams,
+    priority: int,
+    req: Any = None,
 ) -> list[RequestStream]:
-    """Add every prompt to the engine, or none: a rejected one aborts those already added."""
+    """Add every prompt to the engine, or none: a rejected one aborts those already added.
+    With `req`: its `cache_salt` and `use_beam_search` extras apply."""
     state.check_capacity()
+    if req is not None:
+        params = engine_params(req, params)
+        if req.cache_salt is not None:
+            prompts = [{**p, "cache_salt": req.cache_salt} for p in prompts]
     streams: list[RequestStream] = []
     try:
         for i, p in enumerate(prompts):

@@ -81,14 +81,8 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
         if p["prompt"] is None and req.echo:
             p["prompt"] = state.tokenizer.decode(p["prompt_token_ids"])
     request_id = random_id("cmpl")
-    if params.prompt_logprobs is not None:
-        # vLLM's rule: a request that wants prompt logprobs does not read the prefix cache (tokens
-        # adopted from cached pages are never computed, so they would have no logprobs). A salt of
-        # its own makes the engine's lookup miss.
-        for i, p in enumerate(prompts):
-            p["cache_salt"] = f"{request_id}-{i}"
     created = int(time.time())
-    streams = await open_streams(state, request_id, prompts, params, req.priority)
+    streams = await open_streams(state, request_id, prompts, params, req.priority, req)
     ctx = _Ctx(state, req, prompts, request_id, created, echo_only)
     if req.stream:
         return StreamingResponse(_stream(ctx, streams), media_type="text/event-stream")
