@@ -321,3 +321,15 @@ def test_logprobs_include_sampled_token(llm, hf):
     assert len(comp.logprobs) == 12
     for tok, lps in zip(comp.token_ids, comp.logprobs, strict=True):
         assert len(lps) >= 3 and tok in lps and all(v <= 0.0 for v in lps.values())
+
+
+def test_out_of_vocab_ids_in_sampling_params(llm):
+    """The batched sampler packs ids into int32: out-of-vocab logit_bias keys are an error, while
+    top_k >= vocab (= all tokens) and unsampleable stop ids change nothing; other requests go on."""
+    base = SamplingParams(temperature=0.7, seed=1, max_tokens=4)
+    ref = llm.generate([[5, 6, 7]], base, use_tqdm=False)[0].outputs[0].token_ids
+    wide = base.clone(top_k=2**40, stop_token_ids=[2**40], min_tokens=2)
+    assert llm.generate([[5, 6, 7]], wide, use_tqdm=False)[0].outputs[0].token_ids == ref
+    with pytest.raises(InvalidRequestError, match="logit_bias"):
+        llm.generate([[5, 6, 7]], SamplingParams(logit_bias={2**40: 1.0}), use_tqdm=False)
+    assert llm.generate([[5, 6, 7]], base, use_tqdm=False)[0].outputs[0].token_ids == ref

@@ -188,6 +188,7 @@ class LLMEngine:
             raise InvalidRequestError("prompt is empty")
         if min(ids) < 0 or max(ids) >= vocab:
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        params = self._fit_to_vocab(params)
         max_model_len = self.scheduler.config.max_model_len
         max_tokens = params.max_tokens if params.max_tokens is not None else max_model_len - len(ids)
         try:
@@ -237,6 +238,19 @@ class LLMEngine:
         self._parents[request_id] = parent
         self.metrics.on_request_added(len(ids))
         return request_id
+
+    def _fit_to_vocab(self, params: SamplingParams) -> SamplingParams:
+        """Token ids the batched sampler packs into int32 arrays must be real vocabulary ids:
+        out-of-vocab `logit_bias` keys are an error (as in vLLM); `top_k >= vocab` means all tokens
+        and `stop_token_ids` that can never be sampled are dropped (neither changes any output)."""
+        vocab = self.model_config.vocab_size
+        bad = sorted(t for t in params.logit_bias or () if not 0 <= t < vocab)
+        if bad:
+            raise InvalidRequestError(f"logit_bias token ids {bad[:8]} are not in the vocabulary ({vocab})")
+        stop_ids = [t for t in params.stop_token_ids or () if 0 <= t < vocab]
+        if params.top_k >= vocab or stop_ids != list(params.stop_token_ids or ()):
+            params = params.clone(top_k=0 if params.top_k >= vocab else params.top_k, stop_token_ids=stop_ids)
+        return params
 
     def add_beam_search_request(
         self, request_id: str | None, prompt: PromptType, params: BeamSearchParams
