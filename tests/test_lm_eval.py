@@ -12,8 +12,6 @@ token logprobs back; batch_size 4 makes it send lists of prompts in one request.
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 
 import pytest
@@ -28,6 +26,7 @@ from transformers import AutoTokenizer  # noqa: E402
 from pagedjax import LLM  # noqa: E402
 from pagedjax.entrypoints.openai.api_server import build_app  # noqa: E402
 from pagedjax.entrypoints.openai.engine_client import AsyncEngineClient  # noqa: E402
+from pagedjax.testing.live_server import LiveServer  # noqa: E402
 
 MODEL = "tiny-llama"
 # float32 on both sides: the engine's logits equal transformers' to ~1e-5 (tests/test_parity_hf.py),
@@ -74,29 +73,6 @@ def _write_task(tmp_path) -> str:
     }
     (tasks / "pagedjax_tiny_mc.yaml").write_text(json.dumps(config, indent=2))
     return str(tasks)
-
-
-class _LiveServer:
-    """uvicorn serving `app` on a free 127.0.0.1 port in a daemon thread."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.02)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
 
 
 def _loglikelihoods(results) -> dict[tuple[int, int], tuple[float, bool]]:
@@ -156,7 +132,7 @@ def test_local_completions_matches_hf(model_dir, tmp_path, monkeypatch):
             bodies.append(json.loads(await request.body()))
         return await call_next(request)
 
-    server = _LiveServer(app)
+    server = LiveServer(app)
     try:
         api_res, api_s = run(
             "local-completions",

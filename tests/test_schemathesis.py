@@ -10,8 +10,6 @@ into valid ranges so that most cases are really generated. About 45 s with the d
 from __future__ import annotations
 
 import os
-import socket
-import threading
 import time
 from collections import Counter
 
@@ -27,6 +25,7 @@ from schemathesis import GenerationMode  # noqa: E402
 from pagedjax import LLM  # noqa: E402
 from pagedjax.entrypoints.openai.api_server import build_app  # noqa: E402
 from pagedjax.entrypoints.openai.engine_client import AsyncEngineClient  # noqa: E402
+from pagedjax.testing.live_server import LiveServer  # noqa: E402
 
 MODEL = "fuzz-llama"
 # Small max_model_len: every valid request is short (prompt + max_tokens <= 128 tokens), whatever
@@ -36,27 +35,6 @@ TEXT_LEN = 48  # "engine" mode: characters kept of each prompt / message text
 VOCAB = 512  # the factory's tokenizer
 REQUEST_TIMEOUT = 30  # seconds; every valid request here finishes in well under 1 s once compiled
 MAX_EXAMPLES = int(os.environ.get("PAGEDJAX_FUZZ_EXAMPLES", "25"))  # per operation and mode
-
-
-class _LiveServer:
-    def __init__(self, app):
-        import uvicorn
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.02)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +51,7 @@ def live(model_dir):
         compilation_cache_dir="off",
     )
     client = AsyncEngineClient(llm.llm_engine).start()
-    server = _LiveServer(build_app(client, MODEL))
+    server = LiveServer(build_app(client, MODEL))
     yield server.url, client
     server.stop()
     client.shutdown()

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import sys
-import threading
 import time
 
 import httpx2 as httpx
@@ -22,6 +20,7 @@ openai = pytest.importorskip("openai")
 from pagedjax import LLM, SamplingParams  # noqa: E402
 from pagedjax.entrypoints.openai.api_server import build_app  # noqa: E402
 from pagedjax.entrypoints.openai.engine_client import AsyncEngineClient  # noqa: E402
+from pagedjax.testing.live_server import LiveServer  # noqa: E402
 
 MODEL = "test-llama"
 API_KEY = "sk-test"
@@ -37,31 +36,6 @@ PROMPTS = [
     "Tokyo is one of the largest",
 ]
 GREEDY_TOKENS = 12
-
-
-class LiveServer:
-    """uvicorn serving `app` on a free 127.0.0.1 port in a daemon thread."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.02)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,12 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from test_server import LiveServer, _metrics  # noqa: E402
+from test_server import _metrics  # noqa: E402
 
 from pagedjax import LLM, BeamSearchParams  # noqa: E402
 from pagedjax.entrypoints.openai.api_server import build_app  # noqa: E402
 from pagedjax.entrypoints.openai.engine_client import AsyncEngineClient  # noqa: E402
+from pagedjax.testing.live_server import LiveServer  # noqa: E402
 
 MODEL = "test-llama"
 SYSTEM = "You are a helpful assistant who answers questions about cities and their history. " * 2
