@@ -631,7 +631,9 @@ void run_item_dispatch(const Problem& pb, const Item& it) {
   Scratch& s = thread_scratch();
   if (pb.kv_type == KvType::kF32 && pb.Dh % 16 == 0) return run_item_nc<kRowF32, true>(pb, it, s);
 #if PJ_AVX512
-  if (pb.kv_type == KvType::kBF16 && pb.Dh % 32 == 0) return run_item_nc<kRowBF16, true>(pb, it, s);
+  // bf16 rows in place only for few query vectors; a block of many shares one f32 conversion.
+  if (pb.kv_type == KvType::kBF16 && pb.Dh % 32 == 0 && it.nr * pb.G <= 8)
+    return run_item_nc<kRowBF16, true>(pb, it, s);
 #endif
   return run_item_nc<kRowF32, false>(pb, it, s);
 }
