@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import platform
 from dataclasses import dataclass
 
 import jax
@@ -248,6 +249,7 @@ def test_kernel_variants_agree(case, monkeypatch):
     np.testing.assert_allclose(f(), default, rtol=0, atol=2e-6)
 
 
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 flags")
 def test_portable_build_without_avx512():
     """The plain-C++ path (what a CPU without AVX-512 compiles) gives the same answers."""
     target = "pagedjax_cpu_paged_attention_portable"
