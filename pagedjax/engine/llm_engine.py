@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import jax
 import numpy as np
 
 from pagedjax.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -25,7 +24,6 @@ from pagedjax.engine.detokenizer import IncrementalDetokenizer
 from pagedjax.metrics import EngineMetrics
 from pagedjax.models.loader import LoadedModel, load_model
 from pagedjax.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from pagedjax.runner.host_allocator import tune_host_allocator
 from pagedjax.runner.model_runner import ModelRunner, StepResult
 from pagedjax.sampling.beam_search import BeamSearchState
 from pagedjax.sampling_params import MAX_LOGPROBS, BeamSearchParams, SamplingParams
@@ -67,8 +65,6 @@ class LLMEngine:
         self.model_config = self.model.config
         self.tokenizer = self.model.tokenizer
         sched = config.scheduler
-        if jax.default_backend() == "cpu":
-            tune_host_allocator()
         if sched.max_num_batched_tokens < 2:
             raise ValueError("max_num_batched_tokens must be >= 2")
         self.runner = ModelRunner(
