@@ -123,5 +123,6 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     attention_backend: str = "auto"
+    matmul_backend: str = "auto"  # "auto" | "xla" | "cpu" (models/layers/linear.py)
     warmup: bool = True
     compilation_cache_dir: str | None = None

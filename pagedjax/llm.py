@@ -27,6 +27,8 @@ class LLM:
         max_model_len: longest prompt + output (default: the model's context length).
         seed: seeds requests that do not carry their own seed.
         attention_backend: "auto" | "xla" | "pallas" | "cpu" (see pallas_kernels).
+        matmul_backend: "auto" | "xla" | "cpu": "cpu" packs float32 weights once for a compiled AVX-512
+            kernel (auto picks it on CPU where it builds; see models/layers/linear.py).
         enable_prefix_caching: reuse the KV pages of prompt prefixes seen before (default on).
         warmup: compile every step shape at start-up so no request waits for a compile.
     """
@@ -48,6 +50,7 @@ class LLM:
         seed: int = 0,
         scheduling_policy: str = "fcfs",
         attention_backend: str = "auto",
+        matmul_backend: str = "auto",
         warmup: bool = True,
         compilation_cache_dir: str | None = None,
         **kwargs: Any,
@@ -67,6 +70,7 @@ class LLM:
             max_model_len=max_model_len,
             scheduling_policy=scheduling_policy,
             attention_backend=attention_backend,
+            matmul_backend=matmul_backend,
             warmup=warmup,
             compilation_cache_dir=compilation_cache_dir,
             **kwargs,

@@ -68,8 +68,16 @@ class LLMEngine:
         if sched.max_num_batched_tokens < 2:
             raise ValueError("max_num_batched_tokens must be >= 2")
         self.runner = ModelRunner(
-            self.model_config, self.model.params, config.cache, sched, config.dtype, config.attention_backend
+            self.model_config,
+            self.model.params,
+            config.cache,
+            sched,
+            config.dtype,
+            config.attention_backend,
+            config.matmul_backend,
         )
+        # The runner may have packed the weights for its matmul kernel: keep one copy in memory.
+        self.model.params = self.runner.params
         self.kv_cache = KVCacheManager(
             self.runner.num_pages, config.cache.block_size, config.cache.enable_prefix_caching
         )
@@ -108,6 +116,7 @@ class LLMEngine:
         max_num_prefill_seqs: int = 32,
         scheduling_policy: str = "fcfs",
         attention_backend: str = "auto",
+        matmul_backend: str = "auto",
         warmup: bool = True,
         compilation_cache_dir: str | None = None,
     ) -> LLMEngine:
@@ -141,6 +150,7 @@ class LLMEngine:
                 policy=scheduling_policy,
             ),
             attention_backend=attention_backend,
+            matmul_backend=matmul_backend,
             warmup=warmup,
             compilation_cache_dir=compilation_cache_dir,
         )

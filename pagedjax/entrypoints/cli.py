@@ -26,6 +26,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attention-backend", default="auto", choices=["auto", "xla", "pallas", "cpu"])
     p.add_argument(
+        "--matmul-backend",
+        default="auto",
+        choices=["auto", "xla", "cpu"],
+        help="cpu: float32 weights packed for a compiled AVX-512 kernel (auto: where it builds)",
+    )
+    p.add_argument(
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -45,6 +51,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_model_len=args.max_model_len,
         seed=args.seed,
         attention_backend=args.attention_backend,
+        matmul_backend=args.matmul_backend,
         enable_prefix_caching=args.enable_prefix_caching,
         warmup=not args.no_warmup,
     )

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from pagedjax.config import ModelConfig
+from pagedjax.models.layers.linear import unpack_params
 from pagedjax.models.params import resolve_dtype
 
 CONFIG_FILE = "pagedjax_config.json"
@@ -34,7 +35,7 @@ def save_checkpoint(path: str, model) -> str:
     path = os.path.abspath(path)
     os.makedirs(path, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(path, PARAMS_DIR), model.params)
+        ckptr.save(os.path.join(path, PARAMS_DIR), unpack_params(model.params))
     cfg = dataclasses.asdict(model.config)
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
         json.dump({"name": model.name, "config": cfg}, f, indent=2)

@@ -5,9 +5,8 @@ chunks together), writes their K/V into the global page pool, attends through th
 logits only for the rows the sampler needs. Layers run under `lax.scan` over stacked weights: one
 traced layer body, so compiles stay short however deep the model is.
 
-Matmuls take weights in the model dtype with float32 accumulation (`preferred_element_type`): on a
-CPU with AMX, bf16 x bf16 -> f32 is several times faster than float32; the residual stream, norms,
-RoPE and softmax stay in float32.
+Matmuls (models/layers/linear.py) accumulate in float32, through XLA's dot or, on CPU, a packed-weight
+kernel; the residual stream, norms, RoPE and softmax stay in float32.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pagedjax.config import ModelConfig
+from pagedjax.models.layers.linear import linear, lm_head, split_layer_weights
 from pagedjax.models.layers.norm import rms_norm
 from pagedjax.models.layers.rope import apply_rope, inverse_frequencies
 from pallas_kernels import AttentionMetadata, write_kv
@@ -38,20 +38,9 @@ class StepInputs:
     attention: AttentionMetadata
 
 
-def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x @ w with operands in the weight dtype and float32 accumulation."""
-    return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
-
-
 def compute_logits(params: dict, config: ModelConfig, hidden: jax.Array) -> jax.Array:
     """Final norm + LM head (tied embeddings reuse the embedding matrix) -> float32 logits."""
-    h = rms_norm(hidden, params["final_norm"], config.rms_norm_eps)
-    if "lm_head" in params:
-        return _matmul(h, params["lm_head"])
-    embed = params["embed"]
-    return lax.dot_general(
-        h.astype(embed.dtype), embed, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-    )
+    return lm_head(rms_norm(hidden, params["final_norm"], config.rms_norm_eps), params)
 
 
 def forward_hidden(
@@ -74,11 +63,14 @@ def forward_hidden(
     h0 = params["embed"][inputs.token_ids].astype(jnp.float32)
     meta = inputs.attention
 
+    sliced, whole = split_layer_weights(params["layers"])
+
     def layer(carry, xs):
         h, kc, vc = carry
         w, idx = xs
+        w = {**w, **whole}
         x = rms_norm(h, w["attn_norm"], c.rms_norm_eps)
-        qkv = _matmul(x, w["wqkv"])
+        qkv = linear(x, w["wqkv"], idx)
         if "bqkv" in w:
             qkv = qkv + w["bqkv"]
         q, k, v = jnp.split(qkv, [c.q_size, c.q_size + c.kv_size], axis=-1)
@@ -87,14 +79,14 @@ def forward_hidden(
         v = v.reshape(T, c.num_kv_heads, c.head_dim)
         kc, vc = write_kv_fn(kc, vc, idx, k, v, inputs.slot_pages, inputs.slot_offsets)
         attn = attention_fn(q, kc, vc, idx, meta, scale=scale, sliding_window=c.sliding_window)
-        h = h + _matmul(attn.reshape(T, c.q_size), w["wo"])
+        h = h + linear(attn.reshape(T, c.q_size), w["wo"], idx)
         x = rms_norm(h, w["mlp_norm"], c.rms_norm_eps)
-        gate, up = jnp.split(_matmul(x, w["w_gate_up"]), 2, axis=-1)
-        h = h + _matmul(jax.nn.silu(gate) * up, w["w_down"])
+        gate, up = jnp.split(linear(x, w["w_gate_up"], idx), 2, axis=-1)
+        h = h + linear(jax.nn.silu(gate) * up, w["w_down"], idx)
         return (h, kc, vc), None
 
     layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
-    (h, k_cache, v_cache), _ = lax.scan(layer, (h0, k_cache, v_cache), (params["layers"], layer_ids))
+    (h, k_cache, v_cache), _ = lax.scan(layer, (h0, k_cache, v_cache), (sliced, layer_ids))
     return h, k_cache, v_cache
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from pagedjax.config import CacheConfig, ModelConfig, SchedulerConfig
 from pagedjax.core.scheduler import SchedulerOutput
+from pagedjax.models.layers.linear import pack_params, resolve_matmul_backend
 from pagedjax.models.llama import StepInputs
 from pagedjax.models.params import resolve_dtype
 from pagedjax.models.registry import get_forward
@@ -69,14 +70,16 @@ class ModelRunner:
         sched: SchedulerConfig,
         dtype: str,
         attention_backend: str = "auto",
+        matmul_backend: str = "auto",
     ):
         self.config = config
-        self.params = params
+        self.matmul_backend = resolve_matmul_backend(matmul_backend, params)
+        self.params = pack_params(params) if self.matmul_backend == "cpu" else params
         self.block_size = cache.block_size
         self.cache_dtype = resolve_dtype(cache.cache_dtype or dtype)
         pages_per_seq = -(-sched.max_model_len // cache.block_size)
         self.max_pages_per_seq = -(-pages_per_seq // PAGES_PER_CHUNK) * PAGES_PER_CHUNK
-        weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+        weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(self.params))
         self.num_pages = num_pages_for(
             config, cache, self.cache_dtype, weight_bytes, max_useful_pages=sched.max_num_seqs * pages_per_seq
         )

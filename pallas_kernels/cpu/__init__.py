@@ -76,12 +76,12 @@ def _cpu_signature() -> str:
     return sig
 
 
-def build(flags: tuple[str, ...] = FLAGS, *, cache_dir: Path | None = None) -> Path:
-    """Compile the kernel (or find it in the cache); returns the shared library's path."""
+def build(flags: tuple[str, ...] = FLAGS, *, cache_dir: Path | None = None, source: Path = SOURCE) -> Path:
+    """Compile a kernel source (or find it in the cache); returns the shared library's path."""
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
-    src = SOURCE.read_bytes()
+    src = source.read_bytes()
     include = jax.ffi.include_dir()
     key = hashlib.sha256()
     for part in (
@@ -94,17 +94,17 @@ def build(flags: tuple[str, ...] = FLAGS, *, cache_dir: Path | None = None) -> P
         key.update(part)
         key.update(b"\0")
     out_dir = cache_dir or _cache_dir()
-    out = out_dir / f"paged_attention-{key.hexdigest()[:20]}.so"
+    out = out_dir / f"{source.stem}-{key.hexdigest()[:20]}.so"
     if out.exists():
         return out
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".build-", suffix=".so")
     os.close(fd)
-    cmd = [cxx, *flags, "-I", include, str(SOURCE), "-o", tmp]
+    cmd = [cxx, *flags, "-I", include, str(source), "-o", tmp]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if res.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{res.stderr[-4000:]}")
+            raise RuntimeError(f"compiling {source.name} failed ({' '.join(cmd)}):\n{res.stderr[-4000:]}")
         os.replace(tmp, out)  # atomic: readers see the whole library or none
     finally:
         if os.path.exists(tmp):
@@ -113,11 +113,16 @@ def build(flags: tuple[str, ...] = FLAGS, *, cache_dir: Path | None = None) -> P
 
 
 def load(
-    flags: tuple[str, ...] = FLAGS, target: str = TARGET, *, cache_dir: Path | None = None
+    flags: tuple[str, ...] = FLAGS,
+    target: str = TARGET,
+    *,
+    cache_dir: Path | None = None,
+    source: Path = SOURCE,
+    symbol: str = SYMBOL,
 ) -> ctypes.CDLL:
-    """Build (if needed), load and register the kernel under the FFI target name `target`."""
-    lib = ctypes.cdll.LoadLibrary(str(build(flags, cache_dir=cache_dir)))
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, SYMBOL)), platform="cpu")
+    """Build (if needed), load and register a kernel's `symbol` under the FFI target name `target`."""
+    lib = ctypes.cdll.LoadLibrary(str(build(flags, cache_dir=cache_dir, source=source)))
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     return lib
 
 

@@ -1,0 +1,101 @@
+"""Linear layers: `x @ w` with float32 accumulation, through XLA's dot or a packed-weight CPU kernel.
+
+Matmul backends (`matmul_backend` on LLM / the CLI):
+  "xla"  jnp.dot with operands in the weight dtype and float32 accumulation: runs everywhere; on a
+         CPU with AMX, bf16 x bf16 -> f32 is several times faster than float32.
+  "cpu"  float32 weights packed once into column panels for an AVX-512 FFI kernel
+         (pallas_kernels.cpu.packed_matmul): XLA:CPU re-packs weights on every dot call and is
+         weakest at decode-sized row counts.
+  "auto" "cpu" on the CPU platform for float32 weights when the kernel builds here, else "xla".
+
+`pack_params` rewrites a parameter pytree for the "cpu" backend (every projection becomes a
+`PackedWeight`; tied embeddings also get a packed copy as "lm_head_packed"); `unpack_params` undoes
+it (for checkpoints). `linear` dispatches on the weight's type, so model code is the same for both.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.cpu.packed_matmul import PackedWeight, pack_weight, packed_matmul, unpack_weight
+
+MATMUL_BACKENDS = ("auto", "xla", "cpu")
+PACKED_LAYER_WEIGHTS = ("wqkv", "wo", "w_gate_up", "w_down")
+
+
+def linear(x: jax.Array, w: jax.Array | PackedWeight, layer: jax.Array | None = None) -> jax.Array:
+    """x [T, K] @ w [K, N] -> float32 [T, N].
+
+    A packed weight may be the whole per-layer stack (see `split_layer_weights`); `layer` picks one."""
+    if isinstance(w, PackedWeight):
+        return packed_matmul(x.astype(jnp.float32), w, layer)
+    return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
+def split_layer_weights(layers: dict) -> tuple[dict, dict]:
+    """Stacked per-layer weights -> (slice per layer in the scan, pass whole to the kernel).
+
+    Packed weights stay whole: the kernel reads layer `i` in place, whereas a scan slice of a
+    custom call's operand is materialised as a copy of the weight on every layer of every step."""
+    whole = {k: v for k, v in layers.items() if isinstance(v, PackedWeight)}
+    return {k: v for k, v in layers.items() if k not in whole}, whole
+
+
+def lm_head(h: jax.Array, params: dict) -> jax.Array:
+    """Logits (float32) of normalised hidden states: the LM head, or the tied embedding matrix."""
+    for key in ("lm_head_packed", "lm_head"):
+        if key in params:
+            return linear(h, params[key])
+    embed = params["embed"]
+    return lax.dot_general(
+        h.astype(embed.dtype), embed, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+    )
+
+
+def resolve_matmul_backend(name: str, params: dict, platform: str | None = None) -> str:
+    """Map "auto" to "cpu" or "xla" (see the module docstring); validate explicit names."""
+    if name not in MATMUL_BACKENDS:
+        raise ValueError(f"matmul_backend must be one of {MATMUL_BACKENDS}, got {name!r}")
+    float32 = params["layers"]["wqkv"].dtype == jnp.float32
+    if name == "cpu":
+        if not float32:
+            raise ValueError("matmul_backend='cpu' packs float32 weights; use dtype='float32' or 'xla'")
+        from pallas_kernels.cpu import packed_matmul as kernel
+
+        if not kernel.is_available():
+            raise RuntimeError(kernel.unavailable_reason())
+        return "cpu"
+    if name == "xla":
+        return "xla"
+    platform = platform or jax.default_backend()
+    if platform != "cpu" or not float32:
+        return "xla"
+    from pallas_kernels.cpu import packed_matmul as kernel
+
+    return "cpu" if kernel.is_available() else "xla"
+
+
+def pack_params(params: dict) -> dict:
+    """A copy of `params` with every projection packed for the "cpu" matmul backend."""
+    out = dict(params)
+    out["layers"] = dict(params["layers"])
+    for key in PACKED_LAYER_WEIGHTS:
+        out["layers"][key] = pack_weight(params["layers"][key])
+    if "lm_head" in params:
+        out["lm_head"] = pack_weight(params["lm_head"])
+    else:
+        out["lm_head_packed"] = pack_weight(jnp.asarray(params["embed"], jnp.float32).T)
+    return out
+
+
+def unpack_params(params: dict) -> dict:
+    """Inverse of `pack_params` (a no-op on unpacked parameters)."""
+    out = {k: v for k, v in params.items() if k != "lm_head_packed"}
+    out["layers"] = {
+        k: unpack_weight(v) if isinstance(v, PackedWeight) else v for k, v in params["layers"].items()
+    }
+    if isinstance(out.get("lm_head"), PackedWeight):
+        out["lm_head"] = unpack_weight(out["lm_head"])
+    return out

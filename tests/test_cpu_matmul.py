@@ -1,0 +1,140 @@
+"""The packed-weight XLA:CPU matmul kernel (pallas_kernels.cpu.packed_matmul) and its engine switch.
+
+Against a float64 numpy product: row counts around the 6-row micro-kernel and the 96-row work item,
+column counts around the 64-column panel, odd K; stacked per-layer weights read in place with a traced
+layer index under jit and lax.scan; the portable (non-AVX-512) build; the fallback when the kernel is
+unavailable; and the engine's greedy tokens and logits with matmul_backend "cpu" vs "xla".
+"""
+
+from __future__ import annotations
+
+import platform
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pagedjax.models.layers.linear import pack_params, resolve_matmul_backend, unpack_params
+from pallas_kernels import cpu as cpu_build
+from pallas_kernels.cpu import packed_matmul as pm
+
+pytestmark = pytest.mark.skipif(not pm.is_available(), reason=f"unavailable: {pm.unavailable_reason()}")
+
+
+def _rand(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("m", [1, 5, 6, 7, 64, 97, 200])
+@pytest.mark.parametrize("k,n", [(1, 1), (33, 63), (64, 64), (37, 65), (768, 300)])
+def test_matches_numpy(m, k, n):
+    rng = np.random.default_rng(m * 1000 + k + n)
+    x, w = _rand(rng, m, k), _rand(rng, k, n)
+    got = np.asarray(pm.packed_matmul(jnp.asarray(x), pm.pack_weight(w)))
+    want = x.astype(np.float64) @ w.astype(np.float64)
+    assert got.shape == (m, n)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+def test_pack_unpack_round_trip_and_shapes():
+    rng = np.random.default_rng(0)
+    w = _rand(rng, 3, 37, 130)  # stacked: [L, K, N]
+    pw = pm.pack_weight(w)
+    assert pw.data.shape == (3, 3, 37, 64) and pw.n == 130 and pw.shape == (3, 37, 130)
+    np.testing.assert_array_equal(np.asarray(pm.unpack_weight(pw)), w)
+    assert np.all(np.asarray(pw.data)[:, 2, :, 130 - 128 :] == 0), "panel padding is zero"
+
+
+def test_stacked_weight_with_traced_layer_in_scan():
+    """The kernel reads layer i of a [L, NB, K, 64] stack in place (no per-layer slice copies)."""
+    rng = np.random.default_rng(1)
+    L, m, k, n = 4, 13, 48, 70
+    ws, x0 = _rand(rng, L, k, n) * 0.2, _rand(rng, m, k)
+    proj = _rand(rng, n, k) * 0.2  # back to width k so layers chain
+    pw = pm.pack_weight(ws)
+
+    @jax.jit
+    def run(x, pw):
+        def body(h, i):
+            return jnp.tanh(pm.packed_matmul(h, pw, i) @ proj), None
+
+        return jax.lax.scan(body, x, jnp.arange(L, dtype=jnp.int32))[0]
+
+    h = x0.astype(np.float64)
+    for i in range(L):
+        h = np.tanh((h @ ws[i].astype(np.float64)) @ proj.astype(np.float64))
+    np.testing.assert_allclose(np.asarray(run(x0, pw)), h, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_inputs_raise():
+    rng = np.random.default_rng(2)
+    pw = pm.pack_weight(_rand(rng, 2, 16, 8))
+    with pytest.raises(ValueError, match="layer index"):
+        pm.packed_matmul(jnp.ones((3, 16)), pw)
+    with pytest.raises(ValueError, match=r"x must be \[M, 16\]"):
+        pm.packed_matmul(jnp.ones((3, 15)), pw, 0)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 flags")
+def test_portable_build_without_avx512():
+    target = "pagedjax_cpu_packed_matmul_portable"
+    flags = tuple(f for f in cpu_build.FLAGS if f != "-march=native") + ("-mno-avx512f",)
+    lib = cpu_build.load(flags, target, source=pm.SOURCE, symbol=pm.SYMBOL)
+    assert lib.pagedjax_cpu_matmul_has_avx512() == 0
+    rng = np.random.default_rng(3)
+    x, w = _rand(rng, 11, 40), _rand(rng, 40, 100)
+    got = pm.packed_matmul(jnp.asarray(x), pm.pack_weight(w), _target=target)
+    np.testing.assert_allclose(np.asarray(got), x.astype(np.float64) @ w, rtol=1e-5, atol=1e-4)
+
+
+def test_backend_resolution(monkeypatch):
+    f32 = {"layers": {"wqkv": jnp.zeros((1, 2, 2), jnp.float32)}}
+    bf16 = {"layers": {"wqkv": jnp.zeros((1, 2, 2), jnp.bfloat16)}}
+    assert resolve_matmul_backend("auto", f32, platform="cpu") == "cpu"
+    assert resolve_matmul_backend("auto", bf16, platform="cpu") == "xla"
+    assert resolve_matmul_backend("auto", f32, platform="gpu") == "xla"
+    assert resolve_matmul_backend("xla", f32) == "xla"
+    with pytest.raises(ValueError, match="matmul_backend must be one of"):
+        resolve_matmul_backend("mkl", f32)
+    with pytest.raises(ValueError, match="float32"):
+        resolve_matmul_backend("cpu", bf16)
+    # Unavailable kernel (no compiler, PAGEDJAX_CPU_MATMUL=0, ...): auto keeps XLA's dot, cpu says why.
+    monkeypatch.setattr(pm, "_state", {"error": "CPU packed matmul unavailable: test"})
+    assert resolve_matmul_backend("auto", f32, platform="cpu") == "xla"
+    with pytest.raises(RuntimeError, match="unavailable: test"):
+        resolve_matmul_backend("cpu", f32)
+
+
+def test_pack_params_round_trip(model_dir):
+    from pagedjax.models.loader import load_model
+
+    for tie in (False, True):
+        params = load_model(model_dir("llama", tie_word_embeddings=tie), "float32").params
+        packed = pack_params(params)
+        assert isinstance(packed["layers"]["w_down"], pm.PackedWeight)
+        assert ("lm_head_packed" in packed) == tie
+        back = unpack_params(packed)
+        assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params)
+        for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(params), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2"])
+def test_engine_outputs_match_xla_dot(model_dir, variant):
+    from pagedjax import LLM, SamplingParams
+
+    kw = dict(dtype="float32", num_kv_pages=96, max_num_seqs=8, max_num_batched_tokens=64, warmup=False)
+    prompts = ["the quick brown fox", "paged attention over a pool", "a"]
+    sp = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=3)
+    runs = {}
+    for backend in ("xla", "cpu"):
+        llm = LLM(model_dir(variant), matmul_backend=backend, **kw)
+        assert llm.llm_engine.runner.matmul_backend == backend
+        runs[backend] = llm.generate(prompts, sp, use_tqdm=False)
+    for a, b in zip(runs["xla"], runs["cpu"], strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+            assert la.keys() == lb.keys()
+            for t in la:
+                assert abs(la[t] - lb[t]) < 1e-4
