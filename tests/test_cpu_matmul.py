@@ -138,3 +138,16 @@ def test_engine_outputs_match_xla_dot(model_dir, variant):
             assert la.keys() == lb.keys()
             for t in la:
                 assert abs(la[t] - lb[t]) < 1e-4
+
+
+@pytest.mark.parametrize("rows", [(0, 5, 8, 20), (0, 0, 3, 3), (2, 2, 40, 97), (0, 97, 97, 97), (0, 0, 0, 0)])
+def test_valid_rows_skip_padding(rows):
+    """Rows outside [v0, v1) and [v2, v3) come back zero; the others are exact."""
+    rng = np.random.default_rng(sum(rows))
+    x, w = _rand(rng, 97, 40), _rand(rng, 40, 130)
+    got = np.asarray(pm.packed_matmul(jnp.asarray(x), pm.pack_weight(w), None, jnp.asarray(rows)))
+    want = x.astype(np.float64) @ w
+    mask = np.zeros(97, bool)
+    mask[rows[0] : rows[1]] = mask[rows[2] : rows[3]] = True
+    np.testing.assert_allclose(got[mask], want[mask], rtol=1e-5, atol=1e-4)
+    assert np.all(got[~mask] == 0)

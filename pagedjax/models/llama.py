@@ -36,6 +36,9 @@ class StepInputs:
     slot_offsets: jax.Array  # i32[T] offset inside that page
     logits_indices: jax.Array  # i32[S] rows whose logits are needed (padding: any valid row)
     attention: AttentionMetadata
+    # Rows [v0, v1) and [v2, v3) hold real tokens (the step's decodes, then its packed prefill
+    # tokens); the rest pad the bucket. Matmul kernels may skip padding rows. None: all rows.
+    valid_rows: jax.Array | None = None  # i32[4]
 
 
 def compute_logits(params: dict, config: ModelConfig, hidden: jax.Array) -> jax.Array:
@@ -64,13 +67,14 @@ def forward_hidden(
     meta = inputs.attention
 
     sliced, whole = split_layer_weights(params["layers"])
+    rows = inputs.valid_rows
 
     def layer(carry, xs):
         h, kc, vc = carry
         w, idx = xs
         w = {**w, **whole}
         x = rms_norm(h, w["attn_norm"], c.rms_norm_eps)
-        qkv = linear(x, w["wqkv"], idx)
+        qkv = linear(x, w["wqkv"], idx, rows)
         if "bqkv" in w:
             qkv = qkv + w["bqkv"]
         q, k, v = jnp.split(qkv, [c.q_size, c.q_size + c.kv_size], axis=-1)
@@ -79,10 +83,10 @@ def forward_hidden(
         v = v.reshape(T, c.num_kv_heads, c.head_dim)
         kc, vc = write_kv_fn(kc, vc, idx, k, v, inputs.slot_pages, inputs.slot_offsets)
         attn = attention_fn(q, kc, vc, idx, meta, scale=scale, sliding_window=c.sliding_window)
-        h = h + linear(attn.reshape(T, c.q_size), w["wo"], idx)
+        h = h + linear(attn.reshape(T, c.q_size), w["wo"], idx, rows)
         x = rms_norm(h, w["mlp_norm"], c.rms_norm_eps)
-        gate, up = jnp.split(linear(x, w["w_gate_up"], idx), 2, axis=-1)
-        h = h + linear(jax.nn.silu(gate) * up, w["w_down"], idx)
+        gate, up = jnp.split(linear(x, w["w_gate_up"], idx, rows), 2, axis=-1)
+        h = h + linear(jax.nn.silu(gate) * up, w["w_down"], idx, rows)
         return (h, kc, vc), None
 
     layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)

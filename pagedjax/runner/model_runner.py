@@ -169,7 +169,8 @@ class ModelRunner:
         meta = AttentionMetadata(
             d_tables, d_ctx, p_tables, p_ctx, p_start, p_len, np.int32(len(out.prefills))
         )
-        return StepInputs(token_ids, positions, slot_pages, slot_offsets, logits_idx, meta)
+        valid_rows = np.array([0, len(out.decodes), D, D + row], np.int32)
+        return StepInputs(token_ids, positions, slot_pages, slot_offsets, logits_idx, meta, valid_rows)
 
     # ------------------------------------------------------------------------------ execution
     def _shape(self, out: SchedulerOutput) -> StepShape:
@@ -325,7 +326,13 @@ class ModelRunner:
         meta = empty_metadata(shape.decode_rows, shape.prefill_seqs, self.max_pages_per_seq)
         z = np.zeros(T, np.int32)
         return StepInputs(
-            z, z, np.full(T, self.num_pages, np.int32), z, np.zeros(shape.num_sample_rows, np.int32), meta
+            z,
+            z,
+            np.full(T, self.num_pages, np.int32),
+            z,
+            np.zeros(shape.num_sample_rows, np.int32),
+            meta,
+            np.zeros(4, np.int32),  # no valid rows
         )
 
     def _executable(self, shape: StepShape, all_logits: bool):

@@ -109,12 +109,19 @@ def unavailable_reason() -> str | None:
 
 
 def packed_matmul(
-    x: jax.Array, w: PackedWeight, layer: jax.Array | int | None = None, *, _target: str = TARGET
+    x: jax.Array,
+    w: PackedWeight,
+    layer: jax.Array | int | None = None,
+    valid_rows: jax.Array | None = None,
+    *,
+    _target: str = TARGET,
 ) -> jax.Array:
     """f32 [M, K] @ packed [K, N] -> f32 [M, N] (float32 FMA accumulation).
 
     A stacked weight (data [L, NB, K, 64]) needs `layer` (a traced scalar is fine): the kernel reads
-    that layer in place, where slicing it out first would make XLA copy it on every call."""
+    that layer in place, where slicing it out first would make XLA copy it on every call.
+    `valid_rows` (i32[4], may be traced): only rows in [v0, v1) and [v2, v3) are computed, the rest
+    are zero (padding rows of a bucketed step); default: all rows."""
     if _target == TARGET:
         _ensure_loaded()
     if w.data.ndim not in (3, 4):
@@ -125,7 +132,9 @@ def packed_matmul(
         raise ValueError(f"x must be [M, {w.k}], got {x.shape}")
     call = jax.ffi.ffi_call(_target, jax.ShapeDtypeStruct((x.shape[0], w.n), jnp.float32))
     layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(())
-    return call(jnp.asarray(x, jnp.float32), w.data, layer, n=np.int64(w.n))
+    m = x.shape[0]
+    rows = jnp.asarray([0, m, m, m] if valid_rows is None else valid_rows, jnp.int32).reshape(4)
+    return call(jnp.asarray(x, jnp.float32), w.data, layer, rows, n=np.int64(w.n))
 
 
 __all__ = [

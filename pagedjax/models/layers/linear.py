@@ -25,12 +25,19 @@ MATMUL_BACKENDS = ("auto", "xla", "cpu")
 PACKED_LAYER_WEIGHTS = ("wqkv", "wo", "w_gate_up", "w_down")
 
 
-def linear(x: jax.Array, w: jax.Array | PackedWeight, layer: jax.Array | None = None) -> jax.Array:
+def linear(
+    x: jax.Array,
+    w: jax.Array | PackedWeight,
+    layer: jax.Array | None = None,
+    valid_rows: jax.Array | None = None,
+) -> jax.Array:
     """x [T, K] @ w [K, N] -> float32 [T, N].
 
-    A packed weight may be the whole per-layer stack (see `split_layer_weights`); `layer` picks one."""
+    A packed weight may be the whole per-layer stack (see `split_layer_weights`); `layer` picks one.
+    `valid_rows` (i32[4]: rows [v0, v1) and [v2, v3) are real tokens) lets the packed kernel skip
+    padding rows (their outputs are zero then); XLA's dot computes every row."""
     if isinstance(w, PackedWeight):
-        return packed_matmul(x.astype(jnp.float32), w, layer)
+        return packed_matmul(x.astype(jnp.float32), w, layer, valid_rows)
     return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
