@@ -347,13 +347,21 @@ def _jsonable(x: Any) -> Any:
             return repr(x)
 
 
-def run_pagedjax(spec: ModelSpec, reqs: list[Request], args, attention_backend: str = "auto") -> EngineResult:
+def run_pagedjax(
+    spec: ModelSpec,
+    reqs: list[Request],
+    args,
+    attention_backend: str = "auto",
+    matmul_backend: str = "auto",
+) -> EngineResult:
     from pagedjax import LLM, SamplingParams
 
     res = EngineResult("pagedjax", dtype=args.dtype)
     kwargs: dict[str, Any] = dict(model=spec.pagedjax_model, dtype=args.dtype, seed=0)
     if attention_backend != "auto":
         kwargs["attention_backend"] = attention_backend
+    if matmul_backend != "auto":
+        kwargs["matmul_backend"] = matmul_backend
     for k in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory"):
         v = getattr(args, k)
         if v is not None:
@@ -829,6 +837,12 @@ def parse_args(argv=None):
         "pagedjax once per backend in this run (an A/B): the first is the 'pagedjax' row, the others "
         "'pagedjax[NAME]'",
     )
+    g.add_argument(
+        "--matmul-backend",
+        default="auto",
+        help="pagedjax matmul backend (auto, xla, cpu); a comma list runs one 'pagedjax[matmul=NAME]' "
+        "row per extra backend, like --attention-backend",
+    )
     g.add_argument("--max-num-seqs", type=int, default=None)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument(
@@ -901,11 +915,17 @@ def parse_args(argv=None):
     for e in args.engine_list:
         if e not in ("pagedjax", "hf-serial", "vllm") and not (e.startswith("hf-batch") and e[8:].isdigit()):
             p.error(f"unknown engine {e!r}")
-    backends = [b.strip() for b in args.attention_backend.split(",") if b.strip()] or ["auto"]
-    args.attention_backends = {"pagedjax": backends[0], **{f"pagedjax[{b}]": b for b in backends[1:]}}
+    attn = [b.strip() for b in args.attention_backend.split(",") if b.strip()] or ["auto"]
+    mm = [b.strip() for b in args.matmul_backend.split(",") if b.strip()] or ["auto"]
+    # engine row name -> (attention backend, matmul backend)
+    args.pagedjax_variants = {
+        "pagedjax": (attn[0], mm[0]),
+        **{f"pagedjax[{b}]": (b, mm[0]) for b in attn[1:]},
+        **{f"pagedjax[matmul={b}]": (attn[0], b) for b in mm[1:]},
+    }
     if "pagedjax" in args.engine_list:
         i = args.engine_list.index("pagedjax") + 1
-        args.engine_list[i:i] = list(args.attention_backends)[1:]
+        args.engine_list[i:i] = list(args.pagedjax_variants)[1:]
     if "vllm" in args.engine_list and not args.vllm_python:
         p.error("engine vllm needs --vllm-python")
     return args
@@ -972,8 +992,8 @@ def main(argv=None) -> int:
     for eng in args.engine_list:
         print(f"[{eng}] running ...", flush=True)
         try:
-            if eng in args.attention_backends:
-                res = run_pagedjax(spec, reqs, args, args.attention_backends[eng])
+            if eng in args.pagedjax_variants:
+                res = run_pagedjax(spec, reqs, args, *args.pagedjax_variants[eng])
                 res.engine = eng
             elif eng == "hf-serial":
                 res = run_hf(spec, reqs, args, None, model=hf_model(args.hf_dtype))
