@@ -111,7 +111,7 @@ class LLMEngine:
         num_kv_pages: int | None = None,
         enable_prefix_caching: bool = True,
         max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 512,
+        max_num_batched_tokens: int = 1024,
         max_model_len: int | None = None,
         max_num_prefill_seqs: int = 32,
         scheduling_policy: str = "fcfs",
