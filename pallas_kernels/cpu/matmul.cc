@@ -50,6 +50,10 @@ constexpr int NR = 64;  // columns per panel (4 zmm of 16 f32)
 constexpr int MR = 6;   // rows per micro-kernel call
 constexpr int ROWS_PER_ITEM = 96;
 
+#ifndef PJ_PF
+#define PJ_PF 32  // panel rows (256 bytes each) to prefetch ahead: covers a DRAM miss on a panel's first pass
+#endif
+
 #if PJ_AVX512
 // y[r, 0:ncols] = sum_k x[r, k] * panel[k, 0:ncols] for R <= MR rows.
 template <int R>
@@ -60,8 +64,8 @@ inline void micro_kernel(const float* x, int64_t ldx, int64_t K, const float* pa
     for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
   const float* wp = panel;
   for (int64_t k = 0; k < K; ++k, wp += NR) {
-    _mm_prefetch(reinterpret_cast<const char*>(wp + 8 * NR), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(wp + 8 * NR + 32), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wp + PJ_PF * NR), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wp + PJ_PF * NR + 32), _MM_HINT_T0);
     const __m512 b0 = _mm512_loadu_ps(wp);
     const __m512 b1 = _mm512_loadu_ps(wp + 16);
     const __m512 b2 = _mm512_loadu_ps(wp + 32);
