@@ -151,3 +151,18 @@ def test_valid_rows_skip_padding(rows):
     mask[rows[0] : rows[1]] = mask[rows[2] : rows[3]] = True
     np.testing.assert_allclose(got[mask], want[mask], rtol=1e-5, atol=1e-4)
     assert np.all(got[~mask] == 0)
+
+
+def test_bench_matmul_script_runs(capsys, monkeypatch):
+    """experiments/bench_matmul.py (README numbers) runs and prints its table."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "bench_matmul.py"
+    monkeypatch.setattr(
+        sys, "argv", [str(script), "--rows", "3", "--shape", "32,2,1,16,48,100", "--repeats", "1"]
+    )
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "| 3 | lm_head | 32 x 100 |" in out and "all rows:" in out

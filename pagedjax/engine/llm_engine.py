@@ -8,6 +8,7 @@ sampler -> append tokens, detokenize, check stop conditions -> free finished req
 
 from __future__ import annotations
 
+import gc
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -95,6 +96,10 @@ class LLMEngine:
         self.eos_token_ids = tuple(sorted(eos))
         if config.warmup:
             self.runner.warmup()
+        # Everything alive now (JAX, transformers, the model) lives for the whole run: move it out of
+        # the collector's generations, so the collections the per-step objects trigger stay cheap.
+        gc.collect()
+        gc.freeze()
 
     # ------------------------------------------------------------------------------ construction
     @classmethod

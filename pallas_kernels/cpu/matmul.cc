@@ -19,8 +19,8 @@
 //   attr n: the logical N (64 (NB - 1) < n <= 64 NB)
 //   y    f32 [M, N]
 //
-// Work items are (column panel, block of rows); the calling thread and helpers on XLA's intra-op
-// thread pool claim them from an atomic counter. The micro-kernel keeps a 6 x 64 block of y in 24
+// Work items are (run of consecutive column panels, block of rows); the calling thread and helpers
+// on XLA's intra-op thread pool claim them from an atomic counter. The micro-kernel keeps a 6 x 64 block of y in 24
 // zmm registers: per k, 4 panel loads + 6 broadcasts feed 24 FMAs.
 
 #include <algorithm>
@@ -131,7 +131,8 @@ struct Work {
   const float* x;
   const float* w;
   float* y;
-  int64_t N, K, row_blocks, items;
+  int64_t N, K, NB, row_blocks, items;
+  int64_t chunk;  // consecutive panels per work item
   std::vector<RowBlock> blocks;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
@@ -143,11 +144,14 @@ struct Work {
     for (;;) {
       const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
       if (i >= items) break;
-      // Row blocks vary fastest: consecutive items share a panel while it is hot in L2.
-      const int64_t b = i / row_blocks;
+      // An item is a run of consecutive panels (one sequential stream through the weight, which the
+      // hardware prefetchers follow) for one block of rows.
+      const int64_t c = i / row_blocks;
       const RowBlock& rb = blocks[i % row_blocks];
-      const int ncols = static_cast<int>(std::min<int64_t>(NR, N - b * NR));
-      run_rows(x, K, w + b * K * NR, y + b * NR, N, ncols, rb.m0, rb.m1);
+      for (int64_t b = c * chunk; b < std::min(NB, (c + 1) * chunk); ++b) {
+        const int ncols = static_cast<int>(std::min<int64_t>(NR, N - b * NR));
+        run_rows(x, K, w + b * K * NR, y + b * NR, N, ncols, rb.m0, rb.m1);
+      }
       ++finished;
     }
     if (finished && done.fetch_add(finished, std::memory_order_acq_rel) + finished == items) {
@@ -199,8 +203,12 @@ ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   state->N = n;
   state->K = K;
   state->row_blocks = int64_t(state->blocks.size());
-  state->items = NB * state->row_blocks;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, state->items - 1);
+  state->NB = NB;
+  // About 4 items per thread and row block: long sequential runs, still balanced dynamically.
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  state->chunk = std::max<int64_t>(1, NB / (threads * 4));
+  state->items = ((NB + state->chunk - 1) / state->chunk) * state->row_blocks;
+  const int64_t helpers = std::min<int64_t>(threads - 1, state->items - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state] { state->work(); });
   state->work();
   if (state->done.load(std::memory_order_acquire) != state->items) {
