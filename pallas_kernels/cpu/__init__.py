@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -126,21 +127,36 @@ def load(
     return lib
 
 
-def _ensure_loaded() -> ctypes.CDLL:
-    with _lock:
-        if "lib" in _state:
-            return _state["lib"]
-        if "error" in _state:
-            raise RuntimeError(_state["error"])
+def load_once(
+    state: dict,
+    lock: threading.Lock,
+    what: str,
+    env_switch: str,
+    loader: Callable[[], ctypes.CDLL],
+    level: int = logging.WARNING,
+) -> ctypes.CDLL:
+    """Load a kernel library the first time (state["lib"]) or fail the same way every time.
+
+    `env_switch=0` disables it; any failure (no compiler, build error, bad jaxlib, a check in
+    `loader`) is remembered in state["error"] and logged once, so callers fall back cleanly."""
+    with lock:
+        if "lib" in state:
+            return state["lib"]
+        if "error" in state:
+            raise RuntimeError(state["error"])
         try:
-            if os.environ.get("PAGEDJAX_CPU_KERNEL", "1") in ("0", "false", "off"):
-                raise RuntimeError("disabled by PAGEDJAX_CPU_KERNEL=0")
-            _state["lib"] = load()
-            return _state["lib"]
-        except Exception as e:  # no compiler, build error, bad jaxlib: fall back, say why once
-            _state["error"] = f"CPU paged-attention kernel unavailable: {e}"
-            log.warning("%s", _state["error"])
-            raise RuntimeError(_state["error"]) from e
+            if os.environ.get(env_switch, "1") in ("0", "false", "off"):
+                raise RuntimeError(f"disabled by {env_switch}=0")
+            state["lib"] = loader()
+            return state["lib"]
+        except Exception as e:
+            state["error"] = f"{what} unavailable: {e}"
+            log.log(level, "%s", state["error"])
+            raise RuntimeError(state["error"]) from e
+
+
+def _ensure_loaded() -> ctypes.CDLL:
+    return load_once(_state, _lock, "CPU paged-attention kernel", "PAGEDJAX_CPU_KERNEL", lambda: load())
 
 
 def is_available() -> bool:

@@ -18,7 +18,6 @@ disables it. Usage::
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import cpu as _cpu
-
-log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("matmul.cc")
 TARGET = "pagedjax_cpu_packed_matmul"
@@ -76,23 +73,15 @@ def unpack_weight(pw: PackedWeight) -> jax.Array:
     return w.reshape(*w.shape[:-2], -1)[..., : pw.n]
 
 
+def _load_checked():
+    lib = _cpu.load(target=TARGET, source=SOURCE, symbol=SYMBOL)
+    if not lib.pagedjax_cpu_matmul_has_avx512():
+        raise RuntimeError("built without AVX-512: XLA's dot is faster than the portable loop")
+    return lib
+
+
 def _ensure_loaded() -> None:
-    with _lock:
-        if "lib" in _state:
-            return
-        if "error" in _state:
-            raise RuntimeError(_state["error"])
-        try:
-            if os.environ.get("PAGEDJAX_CPU_MATMUL", "1") in ("0", "false", "off"):
-                raise RuntimeError("disabled by PAGEDJAX_CPU_MATMUL=0")
-            lib = _cpu.load(target=TARGET, source=SOURCE, symbol=SYMBOL)
-            if not lib.pagedjax_cpu_matmul_has_avx512():
-                raise RuntimeError("built without AVX-512: XLA's dot is faster than the portable loop")
-            _state["lib"] = lib
-        except Exception as e:  # no compiler, build error, no AVX-512: keep XLA's dot, say why once
-            _state["error"] = f"CPU packed matmul unavailable: {e}"
-            log.info("%s", _state["error"])
-            raise RuntimeError(_state["error"]) from e
+    _cpu.load_once(_state, _lock, "CPU packed matmul", "PAGEDJAX_CPU_MATMUL", _load_checked, logging.INFO)
 
 
 def is_available() -> bool:
