@@ -93,12 +93,21 @@ def get_kv_writer(name: str = "auto", **shape: int | None) -> Callable:
     return getattr(importlib.import_module(module), "write_kv", write_kv)
 
 
+def get_fused_attention(name: str = "auto", **shape: int | None) -> Callable | None:
+    """The backend's attention-with-KV-write function (`paged_attention_with_kv_write`: writes the
+    step's K/V into the pool inside the kernel, then attends; returns (out, k_cache, v_cache)), or
+    None when the backend writes with a separate `get_kv_writer` call."""
+    module, _ = _BACKEND_FUNCTIONS[resolve_backend(name, **shape)]
+    return getattr(importlib.import_module(module), "paged_attention_with_kv_write", None)
+
+
 __all__ = [
     "BACKENDS",
     "AttentionMetadata",
     "empty_metadata",
     "gather_all_paged_attention",
     "get_attention_backend",
+    "get_fused_attention",
     "get_kv_writer",
     "paged_attention",
     "resolve_backend",

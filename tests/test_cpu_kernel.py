@@ -21,7 +21,7 @@ import pytest
 
 from pallas_kernels import AttentionMetadata, resolve_backend
 from pallas_kernels import cpu as cpu_kernel
-from pallas_kernels.reference import BF16_STORAGE, paged_attention, to_storage
+from pallas_kernels.reference import BF16_STORAGE, paged_attention, to_storage, write_kv
 
 pytestmark = pytest.mark.skipif(
     not cpu_kernel.is_available(), reason=f"CPU kernel unavailable: {cpu_kernel.unavailable_reason()}"
@@ -306,3 +306,83 @@ def test_engine_greedy_identical_xla_vs_cpu(model_dir, variant):
         assert xla.outputs[rid_x] == cpu.outputs[rid_c]
         n = len(prompt) + 6 - 1
         np.testing.assert_allclose(cpu.logits_array(rid_c, n), xla.logits_array(rid_x, n), rtol=0, atol=1e-4)
+
+
+def _new_rows(case: Case, padding: list[int], seed: int):
+    """K/V rows for every query row and distinct random slots; padding rows get the drop slot."""
+    rng = np.random.default_rng(seed)
+    T = case.D + case.Tq
+    k_new = rng.normal(size=(T, case.KV, case.Dh)).astype(np.float32)
+    v_new = rng.normal(size=(T, case.KV, case.Dh)).astype(np.float32)
+    flat = rng.choice(case.num_pages * case.page, T, replace=False)
+    pages, offsets = (flat // case.page).astype(np.int32), (flat % case.page).astype(np.int32)
+    pages[padding] = case.num_pages
+    return k_new, v_new, pages, offsets
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5], CASES[10]], ids=str)
+def test_fused_kv_write_equals_write_then_attend(case: Case):
+    """paged_attention_with_kv_write == reference write_kv + paged_attention: same output, and the
+    pools (donated, written in place) equal the reference scatter bit for bit — padding dropped."""
+    q, k32, v32, meta, padding = build_step(case, edge_plans(case)[2], 7)
+    k_new, v_new, pages, offsets = _new_rows(case, padding, 8)
+    kw = dict(scale=case.Dh**-0.5, sliding_window=case.window, soft_cap=case.cap)
+
+    def ref(k, v):
+        k, v = write_kv(k, v, LAYER, k_new, v_new, pages, offsets)
+        return paged_attention(q, k, v, LAYER, meta, **kw), k, v
+
+    fused = jax.jit(
+        lambda k, v: cpu_kernel.paged_attention_with_kv_write(
+            q, k, v, LAYER, meta, k_new, v_new, pages, offsets, **kw
+        ),
+        donate_argnums=(0, 1),
+    )
+    want_out, want_k, want_v = (np.asarray(x) for x in jax.jit(ref)(storage(k32, case), storage(v32, case)))
+    got_out, got_k, got_v = (np.asarray(x) for x in fused(storage(k32, case), storage(v32, case)))
+    np.testing.assert_allclose(got_out, want_out, rtol=0, atol=1e-5, err_msg=str(case))
+    np.testing.assert_array_equal(got_k, want_k)
+    np.testing.assert_array_equal(got_v, want_v)
+    assert not np.any(got_out[padding])
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fused_kv_write_inside_scan(bf16):
+    """As the model runs it: pools in the scan carry, layer index traced; layer i writes layer i."""
+    case = Case(H=12, KV=4, Dh=64, page=16, bf16=bf16)
+    q, k32, v32, meta, padding = build_step(case, edge_plans(case)[2], 4)
+    k_new, v_new, pages, offsets = _new_rows(case, padding, 5)
+    ks = jnp.stack([jnp.asarray(k_new) * (1 + i) for i in range(NUM_LAYERS)])
+
+    def run(step):
+        def body(carry, xs):
+            kc, vc = carry
+            kn, layer = xs
+            out, kc, vc = step(kc, vc, layer, kn)
+            return (kc, vc), out
+
+        layers = jnp.arange(NUM_LAYERS, dtype=jnp.int32)
+        f = jax.jit(lambda k, v: jax.lax.scan(body, (k, v), (ks, layers)))
+        (kc, vc), outs = f(storage(k32, case), storage(v32, case))
+        return np.asarray(outs), np.asarray(kc), np.asarray(vc)
+
+    def ref_step(kc, vc, layer, kn):
+        kc, vc = write_kv(kc, vc, layer, kn, v_new, pages, offsets)
+        return paged_attention(q, kc, vc, layer, meta, scale=0.125), kc, vc
+
+    def fused_step(kc, vc, layer, kn):
+        return cpu_kernel.paged_attention_with_kv_write(
+            q, kc, vc, layer, meta, kn, v_new, pages, offsets, scale=0.125
+        )
+
+    got, want = run(fused_step), run(ref_step)
+    np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[2], want[2])
+
+
+def test_engine_uses_the_fused_write_on_cpu():
+    from pallas_kernels import get_fused_attention
+
+    assert get_fused_attention("cpu") is cpu_kernel.paged_attention_with_kv_write
+    assert get_fused_attention("xla") is None

@@ -54,6 +54,7 @@ def forward_hidden(
     inputs: StepInputs,
     attention_fn: Callable,
     write_kv_fn: Callable = write_kv,
+    fused_attention_fn: Callable | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Run all layers over the step's tokens. Returns (hidden [T, H] f32, k_cache, v_cache).
 
@@ -81,8 +82,23 @@ def forward_hidden(
         q = apply_rope(q.reshape(T, c.num_heads, c.head_dim), inputs.positions, inv_freq)
         k = apply_rope(k.reshape(T, c.num_kv_heads, c.head_dim), inputs.positions, inv_freq)
         v = v.reshape(T, c.num_kv_heads, c.head_dim)
-        kc, vc = write_kv_fn(kc, vc, idx, k, v, inputs.slot_pages, inputs.slot_offsets)
-        attn = attention_fn(q, kc, vc, idx, meta, scale=scale, sliding_window=c.sliding_window)
+        if fused_attention_fn is not None:  # the backend writes K/V inside its attention kernel
+            attn, kc, vc = fused_attention_fn(
+                q,
+                kc,
+                vc,
+                idx,
+                meta,
+                k,
+                v,
+                inputs.slot_pages,
+                inputs.slot_offsets,
+                scale=scale,
+                sliding_window=c.sliding_window,
+            )
+        else:
+            kc, vc = write_kv_fn(kc, vc, idx, k, v, inputs.slot_pages, inputs.slot_offsets)
+            attn = attention_fn(q, kc, vc, idx, meta, scale=scale, sliding_window=c.sliding_window)
         h = h + linear(attn.reshape(T, c.q_size), w["wo"], idx, rows)
         x = rms_norm(h, w["mlp_norm"], c.rms_norm_eps)
         gate, up = jnp.split(linear(x, w["w_gate_up"], idx, rows), 2, axis=-1)
@@ -103,8 +119,11 @@ def forward(
     attention_fn: Callable,
     all_logits: bool = False,
     write_kv_fn: Callable = write_kv,
+    fused_attention_fn: Callable | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One step: returns (logits f32[S, V] at `logits_indices` — or [T, V] if all_logits —, caches)."""
-    h, k_cache, v_cache = forward_hidden(params, config, k_cache, v_cache, inputs, attention_fn, write_kv_fn)
+    h, k_cache, v_cache = forward_hidden(
+        params, config, k_cache, v_cache, inputs, attention_fn, write_kv_fn, fused_attention_fn
+    )
     rows = h if all_logits else h[inputs.logits_indices]
     return compute_logits(params, config, rows), k_cache, v_cache

@@ -28,7 +28,7 @@ from pagedjax.runner.kv_cache import allocate_kv_cache, num_pages_for
 from pagedjax.sampling.metadata import SamplingRow, build_sampling_tensors
 from pagedjax.sampling.sampler import compute_logprobs, sample
 from pagedjax.sampling_params import SamplingParams
-from pallas_kernels import AttentionMetadata, get_attention_backend, get_kv_writer
+from pallas_kernels import AttentionMetadata, get_attention_backend, get_fused_attention, get_kv_writer
 
 # Rows that sample nothing (padding, unfinished prefill chunks): greedy, no penalties, no extra compile.
 _PAD_ROW = SamplingRow(
@@ -92,11 +92,21 @@ class ModelRunner:
         shape = dict(head_dim=config.head_dim, page_size=cache.block_size)
         self.attention_fn = get_attention_backend(attention_backend, **shape)
         self.write_kv_fn = get_kv_writer(attention_backend, **shape)
+        # Backends that can write K/V inside the attention kernel (one call per layer) do so.
+        self.fused_attention_fn = get_fused_attention(attention_backend, **shape)
         forward = get_forward(config)
 
         def model_step(params, k_cache, v_cache, inputs, all_logits):
             return forward(
-                params, config, k_cache, v_cache, inputs, self.attention_fn, all_logits, self.write_kv_fn
+                params,
+                config,
+                k_cache,
+                v_cache,
+                inputs,
+                self.attention_fn,
+                all_logits,
+                self.write_kv_fn,
+                self.fused_attention_fn,
             )
 
         self._model_step = jax.jit(model_step, static_argnames=("all_logits",), donate_argnums=(1, 2))

@@ -155,8 +155,18 @@ def load_once(
             raise RuntimeError(state["error"]) from e
 
 
+WRITE_TARGET = "pagedjax_cpu_paged_attention_write"
+WRITE_SYMBOL = "PagedJaxPagedAttentionWrite"
+
+
+def _load_attention() -> ctypes.CDLL:
+    lib = load()
+    jax.ffi.register_ffi_target(WRITE_TARGET, jax.ffi.pycapsule(getattr(lib, WRITE_SYMBOL)), platform="cpu")
+    return lib
+
+
 def _ensure_loaded() -> ctypes.CDLL:
-    return load_once(_state, _lock, "CPU paged-attention kernel", "PAGEDJAX_CPU_KERNEL", lambda: load())
+    return load_once(_state, _lock, "CPU paged-attention kernel", "PAGEDJAX_CPU_KERNEL", _load_attention)
 
 
 def is_available() -> bool:
@@ -213,4 +223,65 @@ def paged_attention(
     )
 
 
-__all__ = ["build", "is_available", "load", "paged_attention", "unavailable_reason"]
+def paged_attention_with_kv_write(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    layer: jax.Array | int,
+    meta: AttentionMetadata,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    slot_pages: jax.Array,
+    slot_offsets: jax.Array,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    **ignored,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`write_kv` then `paged_attention` in one custom call (the KV write fused into the kernel).
+
+    Returns (out f32 [T, H, Dh], k_cache, v_cache); the pools are aliased in and out, so with donated
+    (or scan-carried) pools the write is in place. Rows with `slot_pages` outside the pool are padding
+    and are not written."""
+    _ensure_loaded()
+    i32 = lambda x: jnp.asarray(x, jnp.int32)
+    call = jax.ffi.ffi_call(
+        WRITE_TARGET,
+        (
+            jax.ShapeDtypeStruct(q.shape, jnp.float32),
+            jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+            jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
+        ),
+        input_output_aliases={1: 1, 2: 2},
+    )
+    return call(
+        jnp.asarray(q, jnp.float32),
+        k_cache,
+        v_cache,
+        i32(layer).reshape(()),
+        i32(meta.decode_block_tables),
+        i32(meta.decode_context_lens),
+        i32(meta.prefill_block_tables),
+        i32(meta.prefill_context_lens),
+        i32(meta.prefill_q_start),
+        i32(meta.prefill_q_len),
+        i32(meta.num_prefill_seqs).reshape(()),
+        jnp.asarray(k_new, jnp.float32),
+        jnp.asarray(v_new, jnp.float32),
+        i32(slot_pages),
+        i32(slot_offsets),
+        scale=np.float32(scale),
+        sliding_window=np.int32(sliding_window or 0),
+        soft_cap=np.float32(soft_cap or 0.0),
+    )
+
+
+__all__ = [
+    "build",
+    "is_available",
+    "load",
+    "paged_attention",
+    "paged_attention_with_kv_write",
+    "unavailable_reason",
+]

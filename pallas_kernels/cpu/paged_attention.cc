@@ -789,6 +789,68 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   return ffi::Error::Success();
 }
 
+// float32 -> bfloat16 bits, round to nearest even (what XLA's convert does; NaN stays NaN).
+inline uint16_t to_bf16_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  if ((b & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((b >> 16) | 0x40u);
+  return static_cast<uint16_t>((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+// The fused variant: first write this step's K/V rows ([T, KV, Dh] f32) into their pool slots
+// (slot_pages[t] outside [0, P) = padding, dropped), then attend. The pools are outputs aliased to
+// the inputs (input_output_aliases), so the write is in place and the attention reads the result:
+// one custom call per layer instead of an XLA scatter followed by the kernel.
+ffi::Error PagedAttentionWriteImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_cache,
+                                   ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> layer_buf,
+                                   ffi::Buffer<ffi::S32> d_tables, ffi::Buffer<ffi::S32> d_ctx,
+                                   ffi::Buffer<ffi::S32> p_tables, ffi::Buffer<ffi::S32> p_ctx,
+                                   ffi::Buffer<ffi::S32> p_qstart, ffi::Buffer<ffi::S32> p_qlen,
+                                   ffi::Buffer<ffi::S32> num_prefill, ffi::Buffer<ffi::F32> k_new,
+                                   ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::S32> slot_pages,
+                                   ffi::Buffer<ffi::S32> slot_offsets, float scale, int32_t sliding_window,
+                                   float soft_cap, ffi::ResultBuffer<ffi::F32> out,
+                                   ffi::Result<ffi::AnyBuffer> k_out, ffi::Result<ffi::AnyBuffer> v_out) {
+  auto kd = k_out->dimensions();
+  auto nd = k_new.dimensions();
+  if (kd.size() != 5) return ffi::Error::InvalidArgument("pool must be [L,KV,P,page,Dh]");
+  const int64_t L = kd[0], KV = kd[1], P = kd[2], page = kd[3], Dh = kd[4];
+  auto vnd = v_new.dimensions();
+  if (nd.size() != 3 || nd[1] != KV || nd[2] != Dh || vnd.size() != 3 || vnd[0] != nd[0] || vnd[1] != KV ||
+      vnd[2] != Dh)
+    return ffi::Error::InvalidArgument("new k/v must be [T, KV, Dh] matching the pool");
+  const int64_t T = nd[0];
+  if (slot_pages.element_count() != T || slot_offsets.element_count() != T)
+    return ffi::Error::InvalidArgument("slot_pages/slot_offsets must have one entry per new row");
+  const auto et = k_out->element_type();
+  const bool bf16 = et == ffi::DataType::U16 || et == ffi::DataType::BF16;
+  if (!bf16 && et != ffi::DataType::F32) return ffi::Error::InvalidArgument("pool dtype must be f32 or bf16");
+  if (k_out->untyped_data() != k_cache.untyped_data() || v_out->untyped_data() != v_cache.untyped_data())
+    return ffi::Error::InvalidArgument("pools must be aliased to the outputs (input_output_aliases)");
+  int64_t layer = std::min<int64_t>(std::max<int64_t>(layer_buf.typed_data()[0], 0), L - 1);
+  const int32_t* sp = slot_pages.typed_data();
+  const int32_t* so = slot_offsets.typed_data();
+  for (int which = 0; which < 2; ++which) {
+    const float* src = (which ? v_new : k_new).typed_data();
+    void* dst_base = (which ? v_out : k_out)->untyped_data();
+    for (int64_t t = 0; t < T; ++t) {
+      if (sp[t] < 0 || sp[t] >= P || so[t] < 0 || so[t] >= page) continue;
+      for (int64_t h = 0; h < KV; ++h) {
+        const int64_t off = (((layer * KV + h) * P + sp[t]) * page + so[t]) * Dh;
+        const float* row = src + (t * KV + h) * Dh;
+        if (bf16) {
+          uint16_t* d = static_cast<uint16_t*>(dst_base) + off;
+          for (int64_t i = 0; i < Dh; ++i) d[i] = to_bf16_bits(row[i]);
+        } else {
+          std::memcpy(static_cast<float*>(dst_base) + off, row, sizeof(float) * Dh);
+        }
+      }
+    }
+  }
+  return PagedAttentionImpl(pool, q, *k_out, *v_out, layer_buf, d_tables, d_ctx, p_tables, p_ctx, p_qstart,
+                            p_qlen, num_prefill, scale, sliding_window, soft_cap, out);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedJaxPagedAttention, PagedAttentionImpl,
@@ -809,6 +871,31 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedJaxPagedAttention, PagedAttentionImpl,
                                   .Attr<int32_t>("sliding_window")
                                   .Attr<float>("soft_cap")
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedJaxPagedAttentionWrite, PagedAttentionWriteImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::AnyBuffer>()         // k pool (aliased to k_out)
+                                  .Arg<ffi::AnyBuffer>()         // v pool (aliased to v_out)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // decode_block_tables
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // decode_context_lens
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // prefill_block_tables
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // prefill_context_lens
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // prefill_q_start
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // prefill_q_len
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // num_prefill_seqs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_new [T, KV, Dh]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_new
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // slot_pages [T]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // slot_offsets [T]
+                                  .Attr<float>("scale")
+                                  .Attr<int32_t>("sliding_window")
+                                  .Attr<float>("soft_cap")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out
+                                  .Ret<ffi::AnyBuffer>()          // k pool
+                                  .Ret<ffi::AnyBuffer>());        // v pool
 
 // Lets the Python side check that it loaded the source it hashed.
 extern "C" int pagedjax_cpu_attention_abi_version() { return 1; }
