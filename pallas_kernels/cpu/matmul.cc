@@ -54,16 +54,28 @@ constexpr int ROWS_PER_ITEM = 96;
 #define PJ_PF 32  // panel rows (256 bytes each) to prefetch ahead: covers a DRAM miss on a panel's first pass
 #endif
 
+// Part of the next panel to pull into L2 during one sweep over the current one. A panel's first
+// sweep would otherwise wait on DRAM (a 6-row sweep needs ~50 GB/s per core to run at FMA speed);
+// spreading the next panel's load over the current panel's sweeps hides that wait at decode sizes.
+struct NextPanel {
+  const char* at = nullptr;
+  int64_t lines = 0;  // cache lines left to prefetch
+  int64_t per_k = 0;  // prefetches per k step
+};
+
 #if PJ_AVX512
-// y[r, 0:ncols] = sum_k x[r, k] * panel[k, 0:ncols] for R <= MR rows.
+// y[r, 0:ncols] = sum_k x[r, k] * panel[k, 0:ncols] for R <= MR rows. Meanwhile it pulls
+// pf.lines cache lines from pf.at into L2, pf.per_k of them per k (see NextPanel).
 template <int R>
 inline void micro_kernel(const float* x, int64_t ldx, int64_t K, const float* panel, float* y, int64_t ldy,
-                         int ncols) {
+                         int ncols, NextPanel pf) {
   __m512 acc[R][4];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
   const float* wp = panel;
   for (int64_t k = 0; k < K; ++k, wp += NR) {
+    for (int64_t i = 0; i < pf.per_k && pf.lines > 0; ++i, --pf.lines, pf.at += 64)
+      _mm_prefetch(pf.at, _MM_HINT_T1);
     _mm_prefetch(reinterpret_cast<const char*>(wp + PJ_PF * NR), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(wp + PJ_PF * NR + 32), _MM_HINT_T0);
     const __m512 b0 = _mm512_loadu_ps(wp);
@@ -94,7 +106,7 @@ inline void micro_kernel(const float* x, int64_t ldx, int64_t K, const float* pa
 // Portable fallback (same contract); the compiler vectorises the inner loop.
 template <int R>
 inline void micro_kernel(const float* x, int64_t ldx, int64_t K, const float* panel, float* y, int64_t ldy,
-                         int ncols) {
+                         int ncols, NextPanel) {
   float acc[R][NR] = {};
   for (int64_t k = 0; k < K; ++k) {
     const float* wp = panel + k * NR;
@@ -108,16 +120,31 @@ inline void micro_kernel(const float* x, int64_t ldx, int64_t K, const float* pa
 }
 #endif
 
-void run_rows(const float* x, int64_t K, const float* panel, float* y, int64_t ldy, int ncols, int64_t m0,
-              int64_t m1) {
+// Rows [m0, m1) of one panel, MR rows per sweep; `next` (or null) is the panel that follows, whose
+// cache lines are shared out over these sweeps.
+void run_rows(const float* x, int64_t K, const float* panel, const float* next, float* y, int64_t ldy, int ncols,
+              int64_t m0, int64_t m1) {
+  const int64_t sweeps = (m1 - m0 + MR - 1) / MR;
+  const int64_t total_lines = next ? K * NR * int64_t(sizeof(float)) / 64 : 0;
+  const int64_t lines_per_sweep = (total_lines + sweeps - 1) / sweeps;
+  int64_t s = 0;
+  auto share = [&]() {
+    NextPanel pf;
+    const int64_t first = std::min(total_lines, s * lines_per_sweep);
+    pf.lines = std::min(total_lines, first + lines_per_sweep) - first;
+    pf.at = reinterpret_cast<const char*>(next) + 64 * first;
+    pf.per_k = K > 0 ? (pf.lines + K - 1) / K : 0;
+    ++s;
+    return pf;
+  };
   int64_t m = m0;
-  for (; m + MR <= m1; m += MR) micro_kernel<MR>(x + m * K, K, K, panel, y + m * ldy, ldy, ncols);
+  for (; m + MR <= m1; m += MR) micro_kernel<MR>(x + m * K, K, K, panel, y + m * ldy, ldy, ncols, share());
   switch (m1 - m) {
-    case 5: micro_kernel<5>(x + m * K, K, K, panel, y + m * ldy, ldy, ncols); break;
-    case 4: micro_kernel<4>(x + m * K, K, K, panel, y + m * ldy, ldy, ncols); break;
-    case 3: micro_kernel<3>(x + m * K, K, K, panel, y + m * ldy, ldy, ncols); break;
-    case 2: micro_kernel<2>(x + m * K, K, K, panel, y + m * ldy, ldy, ncols); break;
-    case 1: micro_kernel<1>(x + m * K, K, K, panel, y + m * ldy, ldy, ncols); break;
+    case 5: micro_kernel<5>(x + m * K, K, K, panel, y + m * ldy, ldy, ncols, share()); break;
+    case 4: micro_kernel<4>(x + m * K, K, K, panel, y + m * ldy, ldy, ncols, share()); break;
+    case 3: micro_kernel<3>(x + m * K, K, K, panel, y + m * ldy, ldy, ncols, share()); break;
+    case 2: micro_kernel<2>(x + m * K, K, K, panel, y + m * ldy, ldy, ncols, share()); break;
+    case 1: micro_kernel<1>(x + m * K, K, K, panel, y + m * ldy, ldy, ncols, share()); break;
     default: break;
   }
 }
@@ -148,9 +175,11 @@ struct Work {
       // hardware prefetchers follow) for one block of rows.
       const int64_t c = i / row_blocks;
       const RowBlock& rb = blocks[i % row_blocks];
-      for (int64_t b = c * chunk; b < std::min(NB, (c + 1) * chunk); ++b) {
+      const int64_t end = std::min(NB, (c + 1) * chunk);
+      for (int64_t b = c * chunk; b < end; ++b) {
         const int ncols = static_cast<int>(std::min<int64_t>(NR, N - b * NR));
-        run_rows(x, K, w + b * K * NR, y + b * NR, N, ncols, rb.m0, rb.m1);
+        const float* next = b + 1 < end ? w + (b + 1) * K * NR : nullptr;
+        run_rows(x, K, w + b * K * NR, next, y + b * NR, N, ncols, rb.m0, rb.m1);
       }
       ++finished;
     }
