@@ -27,6 +27,17 @@ _PARAMS = SamplingParams(temperature=0.0, ignore_eos=True)
 PREFIXES = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [5, 6, 7, 8, 1, 2], [20, 21, 22, 23, 24, 25, 26, 27]]
 
 
+def _slot_stats_by_definition(kv: KVCacheManager) -> tuple[int, int]:
+    """(allocated, filled) slots page by page: a page shared by several tables counts once, with the
+    most slots any of its holders filled."""
+    pages: dict[int, int] = {}
+    for seq_id, table in kv.block_tables.items():
+        filled = kv._filled.get(seq_id, 0)
+        for i, p in enumerate(table):
+            pages[p] = max(pages.get(p, 0), min(max(filled - i * kv.block_size, 0), kv.block_size))
+    return len(pages) * kv.block_size, sum(pages.values())
+
+
 class SharingMachine(RuleBasedStateMachine):
     @initialize(
         block_size=st.sampled_from([1, 2, 4]),
@@ -139,6 +150,8 @@ class SharingMachine(RuleBasedStateMachine):
         if hasattr(self, "sched"):
             self.sched.check_invariants()
             assert len(self.sched.running) <= self.sched.config.max_num_seqs
+            st_ = self.kv.stats()
+            assert (st_.allocated_slots, st_.filled_slots) == _slot_stats_by_definition(self.kv)
 
     def teardown(self):
         if not hasattr(self, "sched"):

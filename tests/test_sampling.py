@@ -216,7 +216,12 @@ def test_build_sampling_tensors_shapes_and_flags():
         do_bias=False,
         num_logprobs=4,
         all_greedy=False,
+        token_logprobs=True,
     )
+    _, f2 = build_sampling_tensors([SamplingRow(SamplingParams(temperature=0.0))], 4)
+    assert not f2.token_logprobs, "nobody reads logprobs: the log-softmax is compiled out"
+    for sp in (SamplingParams(temperature=0.0, logprobs=0), SamplingParams(n=1, best_of=3)):
+        assert build_sampling_tensors([SamplingRow(sp)], 4)[1].token_logprobs, sp
     assert t.prompt_ids.shape == (8, 0) and t.output_ids.shape == (8, 0)  # penalties off: not shipped
     assert t.blocked_ids.shape == (8, 16) and t.bias_ids.shape == (8, 0)
     assert list(t.blocked_ids[1, :3]) == [7, 8, -1] and (t.blocked_ids[2:] == -1).all()
@@ -478,13 +483,13 @@ def test_blocked_tokens_never_sampled():
     vocab = 50
     logits = np.zeros((256, vocab), np.float32)
     logits[:, 0] = 5.0  # EOS would be very likely
-    p = SamplingParams(min_tokens=4, temperature=2.0)
+    p = SamplingParams(min_tokens=4, temperature=2.0, logprobs=0)
     rows = [SamplingRow(p, [], [], i, (0, 1)) for i in range(256)]
     t, f = build_sampling_tensors(rows, 256)
     out = sample(jnp.asarray(logits), t, f)
     toks = np.asarray(out.tokens)
     assert not np.isin(toks, [0, 1]).any() and len(set(toks.tolist())) > 20
-    # no logprobs requested: zero-width top-N, but the sampled token's logprob is still returned
+    # logprobs=0: zero-width top-N, but the sampled token's logprob is returned
     assert out.topk_ids.shape == (256, 0) and out.topk_logprobs.shape == (256, 0)
     np.testing.assert_allclose(
         np.asarray(out.token_logprobs), ref_log_softmax(logits)[np.arange(256), toks], rtol=1e-5, atol=1e-5
@@ -525,3 +530,22 @@ def test_bf16_logits_and_flags_are_hashable():
     np.testing.assert_array_equal(np.asarray(out.tokens), want)
     assert hash(f) == hash(dataclasses.replace(f))
     assert out.tokens.dtype == jnp.int32 and out.token_logprobs.dtype == jnp.float32
+
+
+def test_token_logprobs_compiled_out_when_nobody_reads_them():
+    """Same tokens with the log-softmax compiled out; its outputs are then zeros."""
+    rng = np.random.default_rng(5)
+    logits = jnp.asarray((rng.normal(size=(6, V)) * 3).astype(np.float32))
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_p=0.9, seed=3)] * 3
+    t, f = build_sampling_tensors(rows_for(params, prompts=[[1, 2]] * 6), 6)
+    assert not f.token_logprobs
+    off = sample(logits, t, f)
+    on = sample(logits, t, dataclasses.replace(f, token_logprobs=True))
+    np.testing.assert_array_equal(np.asarray(off.tokens), np.asarray(on.tokens))
+    assert not np.asarray(off.token_logprobs).any()
+    np.testing.assert_allclose(
+        np.asarray(on.token_logprobs),
+        ref_log_softmax(np.asarray(logits))[np.arange(6), np.asarray(on.tokens)],
+        rtol=1e-5,
+        atol=1e-5,
+    )

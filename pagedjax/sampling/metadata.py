@@ -84,6 +84,7 @@ def build_sampling_tensors(
     any_rep = any_pen = any_topkp = any_minp = False
     all_greedy = True
     max_logprobs = 0
+    want_token_lp = False
     for i, row in enumerate(rows):
         p = row.params
         temperature[i] = p.temperature
@@ -103,6 +104,7 @@ def build_sampling_tensors(
             any_minp |= p.min_p > 0.0
         if p.logprobs:
             max_logprobs = max(max_logprobs, p.logprobs)
+        want_token_lp |= p.logprobs is not None or (p.best_of or 1) > p.n
 
     lp = bucket_width(max(len(r.prompt_ids) for r in rows)) if any_rep and rows else 0
     lo = bucket_width(max(len(r.output_ids) for r in rows)) if any_pen and rows else 0
@@ -145,5 +147,6 @@ def build_sampling_tensors(
         do_bias=nb > 0,
         num_logprobs=logprobs_bucket(max_logprobs),
         all_greedy=all_greedy,
+        token_logprobs=want_token_lp,
     )
     return tensors, flags

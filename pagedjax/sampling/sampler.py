@@ -89,6 +89,10 @@ class SamplerFlags:
     do_bias: bool = False
     num_logprobs: int = 0  # width N of the returned top-N logprobs; 0 = none
     all_greedy: bool = True
+    # Whether some row reads the sampled token's logprob (logprobs requested, or best_of > n
+    # ranking). Off: token_logprobs are zeros and the log-softmax over the vocabulary (a few passes
+    # over [rows, vocab] every step) is compiled out.
+    token_logprobs: bool = True
 
 
 class SamplerOutput(NamedTuple):
@@ -399,5 +403,10 @@ def sample(
         # Greedy rows: u = 0 selects the first kept token, i.e. the first argmax.
         u = jnp.where(_is_greedy(t), 0.0, u)
         tokens = _inverse_cdf(x, thr, row_max, u)
-    tok_lp, topk_ids, topk_lp = compute_logprobs(logits, tokens, flags.num_logprobs)
+    if flags.token_logprobs or flags.num_logprobs:
+        tok_lp, topk_ids, topk_lp = compute_logprobs(logits, tokens, flags.num_logprobs)
+    else:
+        n = logits.shape[0]
+        tok_lp = jnp.zeros((n,), jnp.float32)
+        topk_ids, topk_lp = jnp.zeros((n, 0), jnp.int32), jnp.zeros((n, 0), jnp.float32)
     return SamplerOutput(tokens, tok_lp, topk_ids, topk_lp)
