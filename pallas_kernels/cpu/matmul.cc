@@ -124,7 +124,7 @@ inline void micro_kernel(const float* x, int64_t ldx, int64_t K, const float* pa
 // cache lines are shared out over these sweeps.
 void run_rows(const float* x, int64_t K, const float* panel, const float* next, float* y, int64_t ldy, int ncols,
               int64_t m0, int64_t m1) {
-  const int64_t sweeps = (m1 - m0 + MR - 1) / MR;
+  const int64_t sweeps = std::max<int64_t>(1, (m1 - m0 + MR - 1) / MR);
   const int64_t total_lines = next ? K * NR * int64_t(sizeof(float)) / 64 : 0;
   const int64_t lines_per_sweep = (total_lines + sweeps - 1) / sweeps;
   int64_t s = 0;
