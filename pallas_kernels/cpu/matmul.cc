@@ -51,7 +51,7 @@ constexpr int MR = 6;   // rows per micro-kernel call
 constexpr int ROWS_PER_ITEM = 96;
 
 #ifndef PJ_PF
-#define PJ_PF 32  // panel rows (256 bytes each) to prefetch ahead: covers a DRAM miss on a panel's first pass
+#define PJ_PF 16  // panel rows (256 bytes each) to prefetch ahead into L1
 #endif
 
 // Part of the next panel to pull into L2 during one sweep over the current one. A panel's first
@@ -76,8 +76,9 @@ inline void micro_kernel(const float* x, int64_t ldx, int64_t K, const float* pa
   for (int64_t k = 0; k < K; ++k, wp += NR) {
     for (int64_t i = 0; i < pf.per_k && pf.lines > 0; ++i, --pf.lines, pf.at += 64)
       _mm_prefetch(pf.at, _MM_HINT_T1);
-    _mm_prefetch(reinterpret_cast<const char*>(wp + PJ_PF * NR), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(wp + PJ_PF * NR + 32), _MM_HINT_T0);
+    // All four cache lines of a panel row PJ_PF rows ahead: prefetching only every other line left
+    // the rest to the L1 hardware prefetcher (interleaved A/B: 3-5% slower at 16-256 rows).
+    for (int line = 0; line < NR; line += 16) _mm_prefetch(reinterpret_cast<const char*>(wp + PJ_PF * NR + line), _MM_HINT_T0);
     const __m512 b0 = _mm512_loadu_ps(wp);
     const __m512 b1 = _mm512_loadu_ps(wp + 16);
     const __m512 b2 = _mm512_loadu_ps(wp + 32);
@@ -233,9 +234,11 @@ ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   state->K = K;
   state->row_blocks = int64_t(state->blocks.size());
   state->NB = NB;
-  // About 4 items per thread and row block: long sequential runs, still balanced dynamically.
+  // About 16 items per thread and row block: runs of a few panels, short enough that the threads
+  // finish together (4 per thread left one waiting on the other's last item: 3-5% slower at 16-64
+  // rows in an interleaved A/B, no change at 256).
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  state->chunk = std::max<int64_t>(1, NB / (threads * 4));
+  state->chunk = std::max<int64_t>(1, NB / (threads * 16));
   state->items = ((NB + state->chunk - 1) / state->chunk) * state->row_blocks;
   const int64_t helpers = std::min<int64_t>(threads - 1, state->items - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state] { state->work(); });
