@@ -378,6 +378,27 @@ def test_temperature_scaling_and_greedy_rows():
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("vocab", [1, 255, 256, 257, 1000])
+def test_first_argmax_matches_numpy_first_index(vocab):
+    """The two-stage argmax equals numpy's first-index argmax, ties across and inside chunks,
+    -inf rows and an all-NaN row (-> last index) included."""
+    from pagedjax.sampling.sampler import _first_argmax
+
+    rng = np.random.default_rng(vocab)
+    x = rng.integers(-3, 4, size=(9, vocab)).astype(np.float32)  # many ties
+    x[1] = -np.inf
+    x[2, -1] = 100.0
+    x[3, :] = 5.0
+    x[4] = np.nan
+    if vocab > 3:
+        x[5, [vocab // 2, vocab - 1]] = 50.0
+    got = np.asarray(_first_argmax(jnp.asarray(x), chunk=64))
+    want = np.argmax(x, axis=1)
+    want[4] = vocab - 1  # all NaN
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.asarray(_first_argmax(jnp.asarray(x))), want)
+
+
 def test_greedy_is_first_argmax_of_processed_logits():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(5, V)).astype(np.float32)

@@ -114,12 +114,30 @@ def _scatter_index(ids: jax.Array, vocab: int) -> tuple[jax.Array, jax.Array]:
     return rows, cols
 
 
-def _first_argmax(x: jax.Array) -> jax.Array:
-    """First index of the row maximum (torch/numpy tie rule); cheaper than jnp.argmax on CPU."""
-    m = jnp.max(x, axis=-1, keepdims=True)
-    iota = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-    idx = jnp.min(jnp.where(x == m, iota, x.shape[-1]), axis=-1)
-    return jnp.minimum(idx, x.shape[-1] - 1).astype(jnp.int32)  # all-NaN row -> last index
+def _first_argmax(x: jax.Array, chunk: int = 256) -> jax.Array:
+    """First index of the row maximum of x [S, V] (torch/numpy tie rule); an all-NaN row -> V - 1.
+
+    Two stages because XLA:CPU's fused `min(where(x == max, iota, V))` over a whole vocabulary row
+    runs ~6x slower than a plain max: chunk maxima [S, V / chunk] first, then the first chunk that
+    holds the row maximum, then the first match inside that one chunk (2.3 -> 0.9 ms on [64, 32000]
+    here, every greedy step)."""
+    s, v = x.shape
+    chunk = min(chunk, v)  # a short vocabulary needs no padding
+    nc = -(-v // chunk)
+    xp = jnp.pad(x, ((0, 0), (0, nc * chunk - v)), constant_values=-jnp.inf).reshape(s, nc, chunk)
+    chunk_max = jnp.max(xp, axis=-1)  # [S, nc]
+    m = jnp.max(chunk_max, axis=-1)  # [S]
+    first_chunk = _first_true(chunk_max == m[:, None])
+    inside = jnp.take_along_axis(xp, first_chunk[:, None, None], axis=1)[:, 0] == m[:, None]  # [S, chunk]
+    idx = first_chunk * chunk + _first_true(inside)
+    # Padding is -inf and sits after every real column, so it is never the first match of a real max.
+    # No match at all: an all-NaN row (XLA:CPU's max reduction drops NaNs, so m is not NaN there).
+    return jnp.where(jnp.any(inside, axis=-1), jnp.minimum(idx, v - 1), v - 1).astype(jnp.int32)
+
+
+def _first_true(mask: jax.Array) -> jax.Array:
+    """Index of the first True along the last axis (0 when there is none)."""
+    return jnp.argmax(mask, axis=-1).astype(jnp.int32)
 
 
 def _is_greedy(t: SamplingTensors) -> jax.Array:
