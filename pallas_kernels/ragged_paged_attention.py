@@ -228,6 +228,19 @@ def _prefill(q, k_cache, v_cache, layer, meta: AttentionMetadata, *, G, Qt, ppc,
     return jnp.where(inside.any(axis=1)[:, None, None, None], rows.transpose(1, 0, 2, 3), 0.0)
 
 
+# Bytes of one K (or V) tile a Triton program may hold. Triton double-buffers the K and V tiles in
+# shared memory: 4 x 64 KiB (4 pages of 32 tokens x head_dim 128 x float32) asked for 264 KiB on an
+# H100, whose limit is 227 KiB, and failed to launch. 32 KiB tiles stay well inside every GPU's limit.
+MAX_TILE_BYTES = 32 * 1024
+
+
+def _fit_shared_memory(ppc: int, page_size: int, head_dim: int, itemsize: int) -> int:
+    """Halve pages_per_chunk (keeping it a divisor of the table width) until a K/V tile fits."""
+    while ppc > 1 and ppc * page_size * head_dim * itemsize > MAX_TILE_BYTES and ppc * page_size > MIN_ROWS:
+        ppc //= 2
+    return ppc
+
+
 def _check_triton_shapes(head_dim: int, page_size: int, ppc: int) -> None:
     """Triton blocks are power-of-two tensors and tl.dot wants every dimension >= 16: fail here with
     a clear message rather than inside the Triton compiler."""
@@ -273,6 +286,7 @@ def paged_attention(
         if table.shape[0] and table.shape[1] % ppc:
             raise ValueError(f"block table width {table.shape[1]} must be a multiple of pages_per_chunk")
     if not interpret:
+        ppc = _fit_shared_memory(ppc, k_cache.shape[3], Dh, jnp.dtype(k_cache.dtype).itemsize)
         _check_triton_shapes(Dh, k_cache.shape[3], ppc)
     qg = q.reshape(T, KV, G, Dh).astype(jnp.float32) * scale
     kw = dict(G=G, ppc=ppc, window=sliding_window, cap=soft_cap, interpret=interpret)

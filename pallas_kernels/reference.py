@@ -21,6 +21,13 @@ from jax import lax
 
 from pallas_kernels.metadata import AttentionMetadata
 
+
+def _einsum(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """Float32 einsum at full precision: XLA's default on GPU is a TF32/bf16 pass (~1e-3 error),
+    too coarse for the reference the kernels are tested against. No effect on CPU."""
+    return jnp.einsum(eq, a, b, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+
 NEG_INF = float("-inf")
 
 # bfloat16 pools are stored as their uint16 bit patterns: XLA:CPU lowers a bf16 scatter to a
@@ -87,7 +94,7 @@ def _online_softmax_update(carry, s, v, v_eq):
     p = jnp.exp(s - m_safe[..., None])
     alpha = jnp.exp(m - m_safe)
     l = l * alpha + p.sum(-1)
-    acc = acc * alpha[..., None] + jnp.einsum(v_eq, p, v)
+    acc = acc * alpha[..., None] + _einsum(v_eq, p, v)
     return m_new, l, acc
 
 
@@ -127,7 +134,7 @@ def _decode_attention(
         pages = lax.dynamic_slice_in_dim(block_tables, c * pages_per_chunk, pages_per_chunk, axis=1)
         k = gather_pages(k_cache, layer, pages).reshape(KV, D, chunk, Dh)
         v = gather_pages(v_cache, layer, pages).reshape(KV, D, chunk, Dh)
-        s = _cap(jnp.einsum("hbgd,hbkd->hbgk", qg, k), soft_cap)
+        s = _cap(_einsum("hbgd,hbkd->hbgk", qg, k), soft_cap)
         k_pos = c * chunk + jnp.arange(chunk)
         valid = k_pos[None, :] < context_lens[:, None]
         if sliding_window is not None:
@@ -189,7 +196,7 @@ def _prefill_attention(
                 pages = lax.dynamic_slice_in_dim(table, c * pages_per_chunk, pages_per_chunk)
                 k = gather_pages(k_cache, layer, pages).reshape(KV, chunk, Dh)
                 v = gather_pages(v_cache, layer, pages).reshape(KV, chunk, Dh)
-                s = _cap(jnp.einsum("qhgd,hkd->hgqk", qb, k), soft_cap)
+                s = _cap(_einsum("qhgd,hkd->hgqk", qb, k), soft_cap)
                 k_pos = c * chunk + jnp.arange(chunk)
                 valid = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < ctx) & row_valid[:, None]
                 if sliding_window is not None:
@@ -277,7 +284,7 @@ def gather_all_paged_attention(
     k = gather_pages(k_cache, layer, token_block_tables).reshape(KV, T, -1, Dh)
     v = gather_pages(v_cache, layer, token_block_tables).reshape(KV, T, -1, Dh)
     qg = q.reshape(T, KV, G, Dh).astype(jnp.float32) * scale
-    s = _cap(jnp.einsum("thgd,htkd->thgk", qg, k), soft_cap)
+    s = _cap(_einsum("thgd,htkd->thgk", qg, k), soft_cap)
     k_pos = jnp.arange(k.shape[2])
     valid = (k_pos[None, :] <= token_positions[:, None]) & (k_pos[None, :] < token_context_lens[:, None])
     if sliding_window is not None:
@@ -286,5 +293,5 @@ def gather_all_paged_attention(
     m = jnp.max(s, -1, keepdims=True)
     p = jnp.exp(s - jnp.where(m == NEG_INF, 0.0, m))
     l = p.sum(-1, keepdims=True)
-    out = jnp.einsum("thgk,htkd->thgd", p / jnp.where(l == 0, 1.0, l), v)
+    out = _einsum("thgk,htkd->thgd", p / jnp.where(l == 0, 1.0, l), v)
     return out.reshape(T, H, Dh)

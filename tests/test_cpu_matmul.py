@@ -166,3 +166,29 @@ def test_bench_matmul_script_runs(capsys, monkeypatch):
     runpy.run_path(str(script), run_name="__main__")
     out = capsys.readouterr().out
     assert "| 3 | lm_head | 32 x 100 |" in out and "all rows:" in out
+
+
+def test_float32_dots_ask_for_full_precision():
+    """XLA's default precision for float32 dots on a GPU is a reduced TF32/bf16 pass (~1e-3 off on an
+    H100, which broke the float32 HF-parity tests there): float32 weights ask for HIGHEST, bf16
+    weights keep the default; the attention reference's einsums ask for HIGHEST too."""
+    from pagedjax.models.layers.linear import linear, lm_head
+    from pallas_kernels import reference
+
+    x = jnp.ones((4, 8), jnp.float32)
+    for dtype, want in ((jnp.float32, "HIGHEST"), (jnp.bfloat16, None)):
+        w = jnp.ones((8, 16), dtype)
+        for fn in (lambda x, w: linear(x, w), lambda x, w: lm_head(x, {"embed": w.T})):
+            eqns = [e for e in jax.make_jaxpr(fn)(x, w).eqns if e.primitive.name == "dot_general"]
+            assert eqns, "no dot_general traced"
+            precision = eqns[0].params["precision"]
+            if want is None:
+                assert precision is None or all(p == jax.lax.Precision.DEFAULT for p in precision)
+            else:
+                assert precision is not None and all(p == jax.lax.Precision.HIGHEST for p in precision)
+    eqns = [
+        e
+        for e in jax.make_jaxpr(lambda a, b: reference._einsum("ij,jk->ik", a, b))(x, x.T).eqns
+        if e.primitive.name == "dot_general"
+    ]
+    assert all(p == jax.lax.Precision.HIGHEST for p in eqns[0].params["precision"])

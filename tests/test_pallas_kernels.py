@@ -290,3 +290,18 @@ def test_auto_backend_per_platform():
     assert resolve_backend("pallas", "cpu") == "pallas"
     with pytest.raises(ValueError, match="attention_backend"):
         resolve_backend("mosaic")
+
+
+def test_triton_tiles_fit_shared_memory():
+    """On a GPU, pages_per_chunk shrinks until one K (or V) tile fits MAX_TILE_BYTES: 4 pages of 32
+    tokens x head_dim 128 in float32 asked an H100 for 264 KiB of shared memory (limit 227 KiB) and
+    failed to launch. Tiles never shrink below Triton's 16-row minimum."""
+    fit = ragged_paged_attention._fit_shared_memory
+    assert fit(4, 32, 128, 4) == 2  # the case that failed on the H100
+    assert fit(4, 16, 128, 4) == 4  # 32 KiB: fits
+    assert fit(4, 32, 128, 2) == 4  # bfloat16 halves the bytes
+    assert fit(8, 32, 256, 4) == 1
+    assert fit(2, 8, 1024, 4) == 2  # 1 page of 8 rows would be below tl.dot's 16
+    for ppc, page, dh, size in [(4, 32, 128, 4), (8, 16, 128, 4), (4, 8, 64, 2)]:
+        got = fit(ppc, page, dh, size)
+        assert got * page * dh * size <= ragged_paged_attention.MAX_TILE_BYTES and ppc % got == 0

@@ -38,7 +38,15 @@ def linear(
     padding rows (their outputs are zero then); XLA's dot computes every row."""
     if isinstance(w, PackedWeight):
         return packed_matmul(x.astype(jnp.float32), w, layer, valid_rows)
-    return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    return jnp.dot(x.astype(w.dtype), w, precision=_precision(w.dtype), preferred_element_type=jnp.float32)
+
+
+def _precision(dtype) -> lax.Precision | None:
+    """Float32 weights get full float32 products. XLA's default precision for f32 dots on GPU is a
+    reduced-precision pass (TF32 or bf16: errors ~1e-3 on an H100), which breaks the float32 logit
+    parity a user of dtype="float32" expects; on CPU it changes nothing. Lower-precision weights
+    keep the default."""
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 def split_layer_weights(layers: dict) -> tuple[dict, dict]:
@@ -57,7 +65,11 @@ def lm_head(h: jax.Array, params: dict) -> jax.Array:
             return linear(h, params[key])
     embed = params["embed"]
     return lax.dot_general(
-        h.astype(embed.dtype), embed, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        h.astype(embed.dtype),
+        embed,
+        (((1,), (1,)), ((), ())),
+        precision=_precision(embed.dtype),
+        preferred_element_type=jnp.float32,
     )
 
 
