@@ -63,7 +63,7 @@ CASES = [
 
 
 @functools.cache
-def step_fn(case: Case):
+def step_fn(case: Case, splits: int | None = None):
     """One jitted step: both backends write the step's K/V, then attend (as the model does)."""
     kw = dict(
         scale=case.Dh**-0.5,
@@ -76,7 +76,7 @@ def step_fn(case: Case):
     @jax.jit
     def run(k_pool, v_pool, layer, q, k_new, v_new, slot_pages, slot_offsets, meta):
         kp, vp = kv_write.write_kv(k_pool, v_pool, layer, k_new, v_new, slot_pages, slot_offsets)
-        out = ragged_paged_attention.paged_attention(q, kp, vp, layer, meta, **kw)
+        out = ragged_paged_attention.paged_attention(q, kp, vp, layer, meta, context_splits=splits, **kw)
         kx, vx = reference.write_kv(k_pool, v_pool, layer, k_new, v_new, slot_pages, slot_offsets)
         ref = reference.paged_attention(q, kx, vx, layer, meta, **kw)
         return out, ref, kp, vp
@@ -84,10 +84,10 @@ def step_fn(case: Case):
     return run
 
 
-def check_step(case: Case, plan: Plan, seed: int) -> None:
+def check_step(case: Case, plan: Plan, seed: int, splits: int | None = None) -> None:
     step = build_step(case, plan, seed)
     out, ref, k_pool, v_pool = jax.device_get(
-        step_fn(case)(
+        step_fn(case, splits)(
             step.k_pool, step.v_pool, np.int32(LAYER), step.q, step.k_new, step.v_new,
             step.slot_pages, step.slot_offsets, step.meta,
         )
@@ -112,6 +112,26 @@ def test_edge_steps(case: Case):
     """Lengths 1, exact page and tile boundaries, a long chunk ending at the table's end, padding."""
     for i, plan in enumerate(edge_plans(case)):
         check_step(case, plan, seed=i)
+
+
+@pytest.mark.parametrize(
+    ("case", "splits"),
+    [(CASES[1], 3), (CASES[6], 2), (CASES[8], 5), (CASES[-2], 4)],
+    ids=lambda x: str(x) if isinstance(x, Case) else f"splits{x}",
+)
+def test_edge_steps_context_split(case: Case, splits: int):
+    """Decode rows split along the context (split-K, merged afterwards; what a GPU runs): parts that
+    see no key (short contexts, sliding windows) must weigh nothing; 3 and 5 do not divide the tiles."""
+    for i, plan in enumerate(edge_plans(case)):
+        check_step(case, plan, seed=i, splits=splits)
+
+
+def test_auto_context_splits():
+    auto = ragged_paged_attention._auto_splits
+    assert auto(32 * 8, 16) == 4  # 256 programs -> 1,024
+    assert auto(8, 64) == ragged_paged_attention.MAX_SPLITS
+    assert auto(8, 3) == 3  # never more parts than tiles
+    assert auto(4096, 16) == 1
 
 
 @pytest.mark.parametrize("case", CASES[:3] + CASES[4:8:3] + CASES[-2:-1], ids=str)
