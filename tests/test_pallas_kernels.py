@@ -325,3 +325,23 @@ def test_triton_tiles_fit_shared_memory():
     for ppc, page, dh, size in [(4, 32, 128, 4), (8, 16, 128, 4), (4, 8, 64, 2)]:
         got = fit(ppc, page, dh, size)
         assert got * page * dh * size <= ragged_paged_attention.MAX_TILE_BYTES and ppc % got == 0
+
+
+def test_bench_attention_smoke(tmp_path):
+    """experiments/bench_attention.py runs end to end (small heads, one repeat) and every backend it
+    times agrees with the reference."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "bench.json"
+    script = Path(__file__).resolve().parents[1] / "experiments" / "bench_attention.py"
+    cmd = [sys.executable, str(script), "--heads", "4", "--kv-heads", "2", "--head-dim", "32"]
+    cmd += ["--repeats", "1", "--pallas", "off", "--output-json", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4
+    for row in rows:
+        assert row["chunked_ms"] > 0 and row["gather_all_ms"] > 0
+        assert row["max_abs_diff"] < 1e-4, row
