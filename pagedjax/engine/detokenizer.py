@@ -13,6 +13,19 @@ from typing import Any
 _WINDOW = 5
 
 
+def _raw_tokenizer(tokenizer: Any) -> Any:
+    """The `tokenizers.Tokenizer` under a transformers fast tokenizer, when decoding through it gives
+    the same text (no clean-up pass), else None. Two decodes per generated token through
+    transformers' wrapper cost ~12 us each (~1 ms of host time per 64-sequence step); the raw
+    decode ~2 us."""
+    raw = getattr(tokenizer, "_tokenizer", None)
+    if raw is None or type(raw).__module__.split(".")[0] != "tokenizers":
+        return None
+    if getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return None
+    return raw
+
+
 class IncrementalDetokenizer:
     def __init__(
         self,
@@ -31,8 +44,11 @@ class IncrementalDetokenizer:
         self.include_stop = include_stop_str_in_output
         self.max_stop_len = max((len(s) for s in self.stop), default=0)
         self.text = ""
+        self._fast = _raw_tokenizer(tokenizer)
 
     def _decode(self, ids: list[int]) -> str:
+        if self._fast is not None:
+            return self._fast.decode(ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add_token(self, token_id: int) -> str | None:
