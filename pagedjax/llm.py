@@ -163,7 +163,7 @@ class LLM:
         bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm, dynamic_ncols=True)
         try:
             while len(results) < len(ids):
-                for out in engine.step():
+                for out in engine.step(final_only=True):
                     if out.finished:
                         results[out.request_id] = out
                         bar.update(1)

@@ -333,3 +333,36 @@ def test_out_of_vocab_ids_in_sampling_params(llm):
     with pytest.raises(InvalidRequestError, match="logit_bias"):
         llm.generate([[5, 6, 7]], SamplingParams(logit_bias={2**40: 1.0}), use_tqdm=False)
     assert llm.generate([[5, 6, 7]], base, use_tqdm=False)[0].outputs[0].token_ids == ref
+
+
+def test_step_final_only_returns_just_the_finished_requests(llm):
+    """`step(final_only=True)` (what LLM.generate uses) skips the cumulative outputs of running
+    requests but returns every finished one exactly once, equal to the default stepping's."""
+    engine = llm.llm_engine
+    prompts = PROMPTS[:5]
+
+    def run(final_only: bool) -> tuple[dict[str, tuple], int]:
+        ids = [
+            engine.add_request(f"fo-{final_only}-{i}", ids_prompt(p), greedy(3 + 2 * i))
+            for i, p in enumerate(prompts)
+        ]
+        done: dict[str, tuple] = {}
+        unfinished_seen = 0
+        while engine.has_unfinished_requests():
+            for out in engine.step(final_only=final_only):
+                if not out.finished:
+                    unfinished_seen += 1
+                    continue
+                assert out.request_id not in done
+                done[out.request_id] = (
+                    out.outputs[0].token_ids,
+                    out.outputs[0].text,
+                    out.outputs[0].finish_reason,
+                )
+        assert sorted(done) == sorted(ids)
+        return {k.split("-", 2)[2]: v for k, v in done.items()}, unfinished_seen
+
+    final, unfinished_final = run(True)
+    every, unfinished_every = run(False)
+    assert unfinished_final == 0 and unfinished_every > 0
+    assert final == every

@@ -368,8 +368,12 @@ class LLMEngine:
         return len(self._parents)
 
     # ------------------------------------------------------------------------------ the step
-    def step(self) -> list[RequestOutput]:
-        """Run one engine iteration; return outputs of requests that progressed (cumulative text)."""
+    def step(self, *, final_only: bool = False) -> list[RequestOutput]:
+        """Run one engine iteration; return outputs of requests that progressed (cumulative text).
+
+        `final_only=True` returns only requests that finished in this step (what offline
+        `LLM.generate` needs): building a cumulative output for every running request on every
+        step copies its token list each time, host work that matters when steps are short."""
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:
             return []
@@ -408,7 +412,7 @@ class LLMEngine:
             self.kv_cache.stats(),
             time.perf_counter() - t0,
         )
-        outputs = [self._make_output(p) for p in touched.values()]
+        outputs = [self._make_output(p) for p in touched.values() if p.finished or not final_only]
         if self._beam_groups:
             outputs += self._advance_beam_groups()
         for p in touched.values():
