@@ -366,3 +366,13 @@ def test_step_final_only_returns_just_the_finished_requests(llm):
     every, unfinished_every = run(False)
     assert unfinished_final == 0 and unfinished_every > 0
     assert final == every
+
+
+def test_request_token_at_matches_the_joined_list():
+    from pagedjax.core.request import Request
+
+    req = Request("r", [5, 6, 7], SamplingParams(max_tokens=4), seed=0, max_tokens=4)
+    req.output_token_ids += [8, 9]
+    joined = req.token_ids_slice(0, req.num_tokens)
+    assert joined == [5, 6, 7, 8, 9]
+    assert [req.token_at(i) for i in range(req.num_tokens)] == joined

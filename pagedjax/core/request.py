@@ -79,6 +79,11 @@ class Request:
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
 
+    def token_at(self, i: int) -> int:
+        """Token i of prompt + output, without building the joined list."""
+        p = self.num_prompt_tokens
+        return self.prompt_token_ids[i] if i < p else self.output_token_ids[i - p]
+
     def token_ids_slice(self, start: int, end: int) -> list[int]:
         p = self.num_prompt_tokens
         if end <= p:

@@ -159,7 +159,17 @@ class ModelRunner:
 
         logits_row = {}  # id(chunk) -> its last token's row
         for i, ch in enumerate(out.decodes):
-            table = fill(i, ch)
+            # One token per decode row: plain scalar writes (fill's numpy temporaries cost ~10 us a
+            # row, host time that shows when steps are short, e.g. small models on a GPU).
+            table = block_tables[ch.request.request_id]
+            pos = ch.start
+            if ch.num_new_tokens == 1:
+                token_ids[i] = ch.request.token_at(pos)
+                positions[i] = pos
+                slot_pages[i] = table[pos // bs]
+                slot_offsets[i] = pos % bs
+            else:
+                fill(i, ch)
             d_tables[i, : len(table)] = table
             d_ctx[i] = ch.end
             logits_idx[i] = logits_row[id(ch)] = i
