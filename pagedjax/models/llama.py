@@ -55,8 +55,14 @@ def forward_hidden(
     attention_fn: Callable,
     write_kv_fn: Callable = write_kv,
     fused_attention_fn: Callable | None = None,
+    keep_rows: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Run all layers over the step's tokens. Returns (hidden [T, H] f32, k_cache, v_cache).
+    """Run all layers over the step's tokens. Returns (hidden f32, k_cache, v_cache).
+
+    The hidden states are [T, H], or [len(keep_rows), H] for just the rows `keep_rows` when given:
+    then the last layer still writes every token's K/V but runs its output projection and MLP only
+    for those rows (a prefill chunk needs the last layer's residual stream only at its last token:
+    ~7% fewer matmul FLOPs per prompt token on a 12-layer model).
 
     `attention_fn` and `write_kv_fn` come from one attention backend (pallas_kernels.get_attention_backend
     / get_kv_writer); both have the signatures of the plain-XLA reference."""
@@ -70,10 +76,8 @@ def forward_hidden(
     sliced, whole = split_layer_weights(params["layers"])
     rows = inputs.valid_rows
 
-    def layer(carry, xs):
-        h, kc, vc = carry
-        w, idx = xs
-        w = {**w, **whole}
+    def attention_half(h, kc, vc, w, idx):
+        """Norm, QKV, RoPE, K/V write and attention of every token: ([T, q_size], caches)."""
         x = rms_norm(h, w["attn_norm"], c.rms_norm_eps)
         qkv = linear(x, w["wqkv"], idx, rows)
         if "bqkv" in w:
@@ -99,14 +103,35 @@ def forward_hidden(
         else:
             kc, vc = write_kv_fn(kc, vc, idx, k, v, inputs.slot_pages, inputs.slot_offsets)
             attn = attention_fn(q, kc, vc, idx, meta, scale=scale, sliding_window=c.sliding_window)
-        h = h + linear(attn.reshape(T, c.q_size), w["wo"], idx, rows)
-        x = rms_norm(h, w["mlp_norm"], c.rms_norm_eps)
-        gate, up = jnp.split(linear(x, w["w_gate_up"], idx, rows), 2, axis=-1)
-        h = h + linear(jax.nn.silu(gate) * up, w["w_down"], idx, rows)
-        return (h, kc, vc), None
+        return attn.reshape(T, c.q_size), kc, vc
 
-    layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
-    (h, k_cache, v_cache), _ = lax.scan(layer, (h0, k_cache, v_cache), (sliced, layer_ids))
+    def output_half(h, attn, w, idx, valid_rows):
+        """Output projection + residual, then the MLP block + residual."""
+        h = h + linear(attn, w["wo"], idx, valid_rows)
+        x = rms_norm(h, w["mlp_norm"], c.rms_norm_eps)
+        gate, up = jnp.split(linear(x, w["w_gate_up"], idx, valid_rows), 2, axis=-1)
+        return h + linear(jax.nn.silu(gate) * up, w["w_down"], idx, valid_rows)
+
+    def weights(idx):
+        return {**jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, idx, keepdims=False), sliced), **whole}
+
+    def layer(carry, idx):
+        h, kc, vc = carry
+        w = weights(idx)
+        attn, kc, vc = attention_half(h, kc, vc, w, idx)
+        return (output_half(h, attn, w, idx, rows), kc, vc), None
+
+    prune = keep_rows is not None and keep_rows.shape[0] < T
+    scanned = c.num_layers - 1 if prune else c.num_layers
+    layer_ids = jnp.arange(scanned, dtype=jnp.int32)
+    (h, k_cache, v_cache), _ = lax.scan(layer, (h0, k_cache, v_cache), layer_ids)
+    if prune:
+        idx = jnp.int32(c.num_layers - 1)
+        w = weights(idx)
+        attn, k_cache, v_cache = attention_half(h, k_cache, v_cache, w, idx)
+        h = output_half(h[keep_rows], attn[keep_rows], w, idx, None)
+    elif keep_rows is not None:
+        h = h[keep_rows]
     return h, k_cache, v_cache
 
 
@@ -122,8 +147,8 @@ def forward(
     fused_attention_fn: Callable | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One step: returns (logits f32[S, V] at `logits_indices` — or [T, V] if all_logits —, caches)."""
+    keep = None if all_logits else inputs.logits_indices
     h, k_cache, v_cache = forward_hidden(
-        params, config, k_cache, v_cache, inputs, attention_fn, write_kv_fn, fused_attention_fn
+        params, config, k_cache, v_cache, inputs, attention_fn, write_kv_fn, fused_attention_fn, keep
     )
-    rows = h if all_logits else h[inputs.logits_indices]
-    return compute_logits(params, config, rows), k_cache, v_cache
+    return compute_logits(params, config, h), k_cache, v_cache
