@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from pagedjax import SamplingParams
 from pagedjax.testing.capture import run_capturing_logits, small_engine
 
 VARIANTS = [
@@ -76,3 +77,32 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
     )
     with pytest.raises(UnsupportedArchitectureError, match="LlamaForCausalLM"):
         load_model(str(tmp_path), "float32")
+
+
+def test_last_layer_pruning_keeps_sampled_logits_exact(model_dir):
+    """The step runs the last layer's output projection and MLP only for rows that need logits
+    (models/llama.py `keep_rows`); the logits of those rows must equal the unpruned computation's
+    (capture_logits runs every row through every layer and selects afterwards)."""
+    prompts = [[5 + (7 * i + 3 * j) % 200 for j in range(n)] for i, n in enumerate((9, 23, 2, 31))]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=5)
+
+    def run(capture: bool):
+        # Room for 2 prefill sequences per step: a 16-64 token chunk step samples far fewer rows
+        # than it computes, so the last layer is pruned.
+        engine = small_engine(model_dir("llama"), max_num_batched_tokens=64, max_num_prefill_seqs=2)
+        engine.runner.capture_logits = capture
+        ids = [engine.add_request(None, {"prompt_token_ids": p}, params) for p in prompts]
+        done = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.outputs[0]
+        assert any(shape.num_tokens > shape.num_sample_rows for shape, _ in engine.runner._executables)
+        return [done[i] for i in ids]
+
+    pruned, full = run(capture=False), run(capture=True)
+    for a, b in zip(pruned, full, strict=True):
+        assert a.token_ids == b.token_ids
+        for step_a, step_b in zip(a.logprobs, b.logprobs, strict=True):
+            assert step_a.keys() == step_b.keys()
+            np.testing.assert_allclose(list(step_a.values()), list(step_b.values()), atol=1e-5)
