@@ -21,7 +21,7 @@ from jax import lax
 from pagedjax.config import ModelConfig
 from pagedjax.models.layers.linear import linear, lm_head, split_layer_weights
 from pagedjax.models.layers.norm import rms_norm
-from pagedjax.models.layers.rope import apply_rope, inverse_frequencies
+from pagedjax.models.layers.rope import apply_rope, inverse_frequencies, rope_tables
 from pallas_kernels import AttentionMetadata, write_kv
 
 
@@ -68,6 +68,7 @@ def forward_hidden(
     / get_kv_writer); both have the signatures of the plain-XLA reference."""
     c = config
     inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling_dict)
+    cos, sin = rope_tables(inputs.positions, inv_freq)  # once per step, shared by all layers
     scale = c.head_dim**-0.5
     T = inputs.token_ids.shape[0]
     h0 = params["embed"][inputs.token_ids].astype(jnp.float32)
@@ -83,8 +84,8 @@ def forward_hidden(
         if "bqkv" in w:
             qkv = qkv + w["bqkv"]
         q, k, v = jnp.split(qkv, [c.q_size, c.q_size + c.kv_size], axis=-1)
-        q = apply_rope(q.reshape(T, c.num_heads, c.head_dim), inputs.positions, inv_freq)
-        k = apply_rope(k.reshape(T, c.num_kv_heads, c.head_dim), inputs.positions, inv_freq)
+        q = apply_rope(q.reshape(T, c.num_heads, c.head_dim), cos, sin)
+        k = apply_rope(k.reshape(T, c.num_kv_heads, c.head_dim), cos, sin)
         v = v.reshape(T, c.num_kv_heads, c.head_dim)
         if fused_attention_fn is not None:  # the backend writes K/V inside its attention kernel
             attn, kc, vc = fused_attention_fn(

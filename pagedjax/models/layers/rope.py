@@ -35,10 +35,16 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | N
     raise ValueError(f"unsupported rope scaling {kind!r}; supported: default, llama3, linear")
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """x: [T, heads, head_dim] (float32), positions: [T] -> rotated x."""
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of every token's rotation angles: f32 [T, 1, head_dim / 2] each.
+
+    Compute them once per step and reuse them in every layer: inside the layer body XLA fuses
+    them into the elementwise rotation and evaluates sin/cos again for every head element."""
     angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]  # [T, Dh/2]
-    cos = jnp.cos(angles)[:, None, :]
-    sin = jnp.sin(angles)[:, None, :]
+    return jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [T, heads, head_dim] (float32), cos/sin from `rope_tables` -> rotated x."""
     x1, x2 = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
