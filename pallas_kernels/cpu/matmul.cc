@@ -62,13 +62,12 @@ constexpr int ROWS_PER_ITEM = 96;
 // spreading the next panel's load over the current panel's sweeps hides that wait at decode sizes.
 struct NextPanel {
   const char* at = nullptr;
-  int64_t lines = 0;  // cache lines left to prefetch
-  int64_t per_k = 0;  // prefetches per k step
+  int64_t lines = 0;  // cache lines to prefetch, from `at` on
 };
 
 #if PJ_AVX512
 // y[r, 0:ncols] = sum_k x[r, k] * panel[k, 0:ncols] for R <= MR rows. Meanwhile it pulls
-// pf.lines cache lines from pf.at into L2, pf.per_k of them per k (see NextPanel).
+// pf.lines cache lines from pf.at into L2, spread evenly over the K steps (see NextPanel).
 template <int R>
 inline void micro_kernel(const float* x, int64_t ldx, int64_t K, const float* panel, float* y, int64_t ldy,
                          int ncols, NextPanel pf) {
@@ -139,7 +138,6 @@ void run_rows(const float* x, int64_t K, const float* panel, const float* next, 
     const int64_t first = std::min(total_lines, s * lines_per_sweep);
     pf.lines = std::min(total_lines, first + lines_per_sweep) - first;
     pf.at = reinterpret_cast<const char*>(next) + 64 * first;
-    pf.per_k = K > 0 ? (pf.lines + K - 1) / K : 0;
     ++s;
     return pf;
   };
