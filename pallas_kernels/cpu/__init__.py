@@ -11,12 +11,13 @@ kept in `unavailable_reason()`) and the "auto" backend stays on plain XLA.
 How it runs: work items of (query rows, KV head) are claimed dynamically by the calling thread and by
 helpers scheduled on XLA's intra-op thread pool (the FFI `ThreadPool` context: 2 threads on a 2-core
 machine). A decode row's G query heads share every K/V row load (register-resident kernel for head_dim
-64/128); prefill rows go in blocks of a few rows per item. bf16 pools are read in place too (32 values
+64/128); prefill rows go in blocks of a few rows per item, computed as small GEMMs (K block
+transposed once, broadcast-FMA scores, register-blocked P V). bf16 pools are read in place too (32 values
 per load, split into even/odd lanes, with queries permuted to match).
 
 Environment: `PAGEDJAX_CPU_KERNEL=0` disables it; `PAGEDJAX_KERNEL_CACHE=DIR` moves the build cache;
 `PAGEDJAX_CPU_ATTN_THREADS=N` uses at most N threads (1: the calling thread only);
-`PAGEDJAX_CPU_ATTN_GENERIC=1` forces the block kernel for decode rows too (tests, tuning);
+`PAGEDJAX_CPU_ATTN_GENERIC=1` forces the dot-product block kernel for every row (tests, tuning);
 `PAGEDJAX_CPU_ATTN_DEBUG=1` prints the work split of each call.
 """
 
