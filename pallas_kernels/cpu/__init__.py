@@ -3,14 +3,16 @@ place, with no gather copies, on all cores.
 
 The kernel is compiled at first use with the system C++ compiler (`$CXX`, else g++ / c++ / clang++)
 into a cache directory (`$PAGEDJAX_KERNEL_CACHE`, default ~/.cache/pagedjax/kernels), keyed by a hash
-of the source, the flags, the JAX version and the CPU, and built atomically (written to a temporary
-file, then renamed), so concurrent first uses are safe and later processes load it in milliseconds.
+of the source (and the headers beside it), the flags, the JAX version and the CPU, and built
+atomically (written to a temporary file, then renamed), so concurrent first uses are safe and later
+processes load it in milliseconds.
 If there is no compiler or the build fails, `is_available()` is False (the reason is logged once and
 kept in `unavailable_reason()`) and the "auto" backend stays on plain XLA.
 
 How it runs: work items of (query rows, KV head) are claimed dynamically by the calling thread and by
 helpers scheduled on XLA's intra-op thread pool (the FFI `ThreadPool` context: 2 threads on a 2-core
-machine). A decode row's G query heads share every K/V row load (register-resident kernel for head_dim
+machine); the caller spin-waits for the helpers' last items (wait_done.h) rather than sleeping at once.
+A decode row's G query heads share every K/V row load (register-resident kernel for head_dim
 64/128); prefill rows go in blocks of a few rows per item, computed as small GEMMs (K block
 transposed once, broadcast-FMA scores, register-blocked P V). bf16 pools are read in place too (32 values
 per load, split into even/odd lanes, with queries permuted to match).
@@ -86,8 +88,10 @@ def build(flags: tuple[str, ...] = FLAGS, *, cache_dir: Path | None = None, sour
     src = source.read_bytes()
     include = jax.ffi.include_dir()
     key = hashlib.sha256()
+    headers = b"".join(h.name.encode() + h.read_bytes() for h in sorted(source.parent.glob("*.h")))
     for part in (
         src,
+        headers,
         " ".join(flags).encode(),
         jax.__version__.encode(),
         cxx.encode(),

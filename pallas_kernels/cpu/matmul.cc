@@ -43,6 +43,7 @@
 #define PJ_AVX512 0
 #endif
 
+#include "wait_done.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -249,10 +250,7 @@ ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   const int64_t helpers = std::min<int64_t>(threads - 1, state->items - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state] { state->work(); });
   state->work();
-  if (state->done.load(std::memory_order_acquire) != state->items) {
-    std::unique_lock<std::mutex> lock(state->mu);
-    state->cv.wait(lock, [&] { return state->done.load(std::memory_order_acquire) == state->items; });
-  }
+  pagedjax_cpu::wait_done(state->done, state->items, state->mu, state->cv);
   return ffi::Error::Success();
 }
 

@@ -39,6 +39,7 @@
 #define PJ_AVX512 0
 #endif
 
+#include "wait_done.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -1018,10 +1019,7 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state] { state->work(); });
   state->work();
   const int n = int(items.size());
-  if (state->done.load(std::memory_order_acquire) != n) {
-    std::unique_lock<std::mutex> lock(state->mu);
-    state->cv.wait(lock, [&] { return state->done.load(std::memory_order_acquire) == n; });
-  }
+  pagedjax_cpu::wait_done(state->done, n, state->mu, state->cv);
   return ffi::Error::Success();
 }
 
