@@ -192,6 +192,24 @@ inline __m512 hsum16x16(__m512* v) {
                        _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+// Online softmax bookkeeping for query vectors [m0, m1), 16 at a time: running max
+// mrow = max(mrow, bmax) and the rescale factor alpha = exp(old max - new max) of what was
+// accumulated so far (1 where nothing was seen yet, 0 where the old max was -inf).
+inline void update_running_max(float* mrow, const float* bmax, float* alpha, int m0, int m1) {
+  const __m512 ninf = _mm512_set1_ps(kNegInf);
+  for (int m = m0; m < m1; m += 16) {
+    const __mmask16 mk = m1 - m >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (m1 - m)) - 1);
+    const __m512 m_old = _mm512_maskz_loadu_ps(mk, mrow + m);
+    const __m512 m_new = _mm512_max_ps(m_old, _mm512_maskz_loadu_ps(mk, bmax + m));
+    const __mmask16 seen = _mm512_cmp_ps_mask(m_new, ninf, _CMP_NEQ_OQ);
+    const __m512 diff = _mm512_maskz_sub_ps(seen, m_old, m_new);
+    const __m512 a = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(m_old, ninf, _CMP_EQ_OQ) & seen, exp512(diff),
+                                          _mm512_setzero_ps());
+    _mm512_mask_storeu_ps(alpha + m, mk, a);
+    _mm512_mask_storeu_ps(mrow + m, mk, m_new);
+  }
+}
+
 // How a block's K/V rows are read. kRowF32: float rows (in the pool, or converted into the scratch
 // buffers). kRowBF16: bf16 rows read in place, 32 values per 64-byte load, split into the even and
 // the odd elements (one shift, one and); queries and accumulators then live in the same permuted
@@ -450,19 +468,7 @@ void run_item(const Problem& pb, const Item& it, Scratch& s) {
 #if PJ_AVX512
     // Phase 2 (independent across m, so the out-of-order core overlaps the rows' latency chains):
     // new running max, rescale factor, probabilities, running sum.
-    for (int m0 = 0; m0 < M; m0 += 16) {
-      const __mmask16 mk = M - m0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (M - m0)) - 1);
-      const __m512 m_old = _mm512_maskz_loadu_ps(mk, mrow + m0);
-      const __m512 m_new = _mm512_max_ps(m_old, _mm512_maskz_loadu_ps(mk, bmax + m0));
-      const __m512 ninf = _mm512_set1_ps(kNegInf);
-      // alpha = exp(m_old - m_new): 1 where nothing was seen yet (m_new = -inf), ~0 where m_old = -inf
-      const __mmask16 seen = _mm512_cmp_ps_mask(m_new, ninf, _CMP_NEQ_OQ);
-      const __m512 diff = _mm512_maskz_sub_ps(seen, m_old, m_new);
-      const __m512 a = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(m_old, ninf, _CMP_EQ_OQ) & seen,
-                                            exp512(diff), _mm512_setzero_ps());
-      _mm512_mask_storeu_ps(alpha + m0, mk, a);
-      _mm512_mask_storeu_ps(mrow + m0, mk, m_new);
-    }
+    update_running_max(mrow, bmax, alpha, 0, M);
     for (int m = 0; m < M; ++m) {
       float* p = pbuf + size_t(m) * BK;
       const __m512 sv = _mm512_loadu_ps(p);
@@ -682,19 +688,7 @@ void run_item_gemm(const Problem& pb, const Item& it, Scratch& s) {
       _mm512_storeu_ps(p, _mm512_mask_blend_ps(valid, _mm512_set1_ps(kNegInf), sv));
       bmax[m] = _mm512_mask_reduce_max_ps(valid, sv);
     }
-    // Online softmax update (as in run_item's phase 2), 16 vectors at a time.
-    for (int m0 = m_lo; m0 < m_hi; m0 += 16) {
-      const __mmask16 mk = m_hi - m0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (m_hi - m0)) - 1);
-      const __m512 m_old = _mm512_maskz_loadu_ps(mk, mrow + m0);
-      const __m512 m_new = _mm512_max_ps(m_old, _mm512_maskz_loadu_ps(mk, bmax + m0));
-      const __m512 ninf = _mm512_set1_ps(kNegInf);
-      const __mmask16 seen = _mm512_cmp_ps_mask(m_new, ninf, _CMP_NEQ_OQ);
-      const __m512 diff = _mm512_maskz_sub_ps(seen, m_old, m_new);
-      const __m512 a = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(m_old, ninf, _CMP_EQ_OQ) & seen, exp512(diff),
-                                            _mm512_setzero_ps());
-      _mm512_mask_storeu_ps(alpha + m0, mk, a);
-      _mm512_mask_storeu_ps(mrow + m0, mk, m_new);
-    }
+    update_running_max(mrow, bmax, alpha, m_lo, m_hi);
     // Probabilities; the running sums stay 16-lane vectors (one reduction at the end).
     for (int m = m_lo; m < m_hi; ++m) {
       float* p = pbuf + m * BK;
