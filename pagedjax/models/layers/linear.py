@@ -3,14 +3,16 @@
 Matmul backends (`matmul_backend` on LLM / the CLI):
   "xla"  jnp.dot with operands in the weight dtype and float32 accumulation: runs everywhere; on a
          CPU with AMX, bf16 x bf16 -> f32 is several times faster than float32.
-  "cpu"  float32 weights packed once into column panels for an AVX-512 FFI kernel
-         (pallas_kernels.cpu.packed_matmul): XLA:CPU re-packs weights on every dot call and is
-         weakest at decode-sized row counts.
-  "auto" "cpu" on the CPU platform for float32 weights when the kernel builds here, else "xla".
+  "cpu"  weights packed once for a compiled XLA:CPU FFI kernel: float32 weights into 64-column
+         panels for an AVX-512 FMA kernel (pallas_kernels.cpu.packed_matmul), bfloat16 weights into
+         AMX tile layout for a TDPBF16PS kernel (pallas_kernels.cpu.amx_matmul). XLA:CPU re-packs
+         weights on every dot call and is weakest at decode-sized row counts.
+  "auto" "cpu" on the CPU platform when the kernel for the weights' dtype runs here, else "xla".
 
 `pack_params` rewrites a parameter pytree for the "cpu" backend (every projection becomes a
-`PackedWeight`; tied embeddings also get a packed copy as "lm_head_packed"); `unpack_params` undoes
-it (for checkpoints). `linear` dispatches on the weight's type, so model code is the same for both.
+`PackedWeight` or `AmxPackedWeight`; tied embeddings also get a packed copy as "lm_head_packed");
+`unpack_params` undoes it (for checkpoints). `linear` dispatches on the weight's type, so model code
+is the same for every backend.
 """
 
 from __future__ import annotations
@@ -19,15 +21,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.cpu.amx_matmul import AmxPackedWeight, amx_matmul, pack_weight_bf16, unpack_weight_bf16
 from pallas_kernels.cpu.packed_matmul import PackedWeight, pack_weight, packed_matmul, unpack_weight
 
 MATMUL_BACKENDS = ("auto", "xla", "cpu")
 PACKED_LAYER_WEIGHTS = ("wqkv", "wo", "w_gate_up", "w_down")
+PACKED_TYPES = (PackedWeight, AmxPackedWeight)
 
 
 def linear(
     x: jax.Array,
-    w: jax.Array | PackedWeight,
+    w: jax.Array | PackedWeight | AmxPackedWeight,
     layer: jax.Array | None = None,
     valid_rows: jax.Array | None = None,
 ) -> jax.Array:
@@ -38,6 +42,8 @@ def linear(
     padding rows (their outputs are zero then); XLA's dot computes every row."""
     if isinstance(w, PackedWeight):
         return packed_matmul(x.astype(jnp.float32), w, layer, valid_rows)
+    if isinstance(w, AmxPackedWeight):
+        return amx_matmul(x, w, layer, valid_rows)
     return jnp.dot(x.astype(w.dtype), w, precision=_precision(w.dtype), preferred_element_type=jnp.float32)
 
 
@@ -54,7 +60,7 @@ def split_layer_weights(layers: dict) -> tuple[dict, dict]:
 
     Packed weights stay whole: the kernel reads layer `i` in place, whereas a scan slice of a
     custom call's operand is materialised as a copy of the weight on every layer of every step."""
-    whole = {k: v for k, v in layers.items() if isinstance(v, PackedWeight)}
+    whole = {k: v for k, v in layers.items() if isinstance(v, PACKED_TYPES)}
     return {k: v for k, v in layers.items() if k not in whole}, whole
 
 
@@ -73,48 +79,65 @@ def lm_head(h: jax.Array, params: dict) -> jax.Array:
     )
 
 
+def _kernel_for(dtype):
+    """The packed-weight kernel module for weights of `dtype`, or None (no kernel for it)."""
+    if jnp.dtype(dtype) == jnp.float32:
+        from pallas_kernels.cpu import packed_matmul as kernel
+    elif jnp.dtype(dtype) == jnp.bfloat16:
+        from pallas_kernels.cpu import amx_matmul as kernel
+    else:
+        return None
+    return kernel
+
+
 def resolve_matmul_backend(name: str, params: dict, platform: str | None = None) -> str:
     """Map "auto" to "cpu" or "xla" (see the module docstring); validate explicit names."""
     if name not in MATMUL_BACKENDS:
         raise ValueError(f"matmul_backend must be one of {MATMUL_BACKENDS}, got {name!r}")
-    float32 = params["layers"]["wqkv"].dtype == jnp.float32
+    dtype = params["layers"]["wqkv"].dtype
+    kernel = _kernel_for(dtype)
     if name == "cpu":
-        if not float32:
-            raise ValueError("matmul_backend='cpu' packs float32 weights; use dtype='float32' or 'xla'")
-        from pallas_kernels.cpu import packed_matmul as kernel
-
+        if kernel is None:
+            raise ValueError(f"matmul_backend='cpu' packs float32 or bfloat16 weights, not {dtype}; use 'xla'")
         if not kernel.is_available():
             raise RuntimeError(kernel.unavailable_reason())
         return "cpu"
     if name == "xla":
         return "xla"
     platform = platform or jax.default_backend()
-    if platform != "cpu" or not float32:
+    if platform != "cpu" or kernel is None:
         return "xla"
-    from pallas_kernels.cpu import packed_matmul as kernel
-
     return "cpu" if kernel.is_available() else "xla"
 
 
 def pack_params(params: dict) -> dict:
-    """A copy of `params` with every projection packed for the "cpu" matmul backend."""
+    """A copy of `params` with every projection packed for the "cpu" matmul backend (the kernel
+    follows the weights' dtype: float32 -> AVX-512 panels, bfloat16 -> AMX tiles)."""
+    bf16 = params["layers"]["wqkv"].dtype == jnp.bfloat16
+    pack = pack_weight_bf16 if bf16 else (lambda w: pack_weight(jnp.asarray(w, jnp.float32)))
     out = dict(params)
     out["layers"] = dict(params["layers"])
     for key in PACKED_LAYER_WEIGHTS:
-        out["layers"][key] = pack_weight(params["layers"][key])
+        out["layers"][key] = pack(params["layers"][key])
     if "lm_head" in params:
-        out["lm_head"] = pack_weight(params["lm_head"])
+        out["lm_head"] = pack(params["lm_head"])
     else:
-        out["lm_head_packed"] = pack_weight(jnp.asarray(params["embed"], jnp.float32).T)
+        out["lm_head_packed"] = pack(params["embed"].T)
     return out
+
+
+def _unpack(w):
+    if isinstance(w, PackedWeight):
+        return unpack_weight(w)
+    if isinstance(w, AmxPackedWeight):
+        return unpack_weight_bf16(w)
+    return w
 
 
 def unpack_params(params: dict) -> dict:
     """Inverse of `pack_params` (a no-op on unpacked parameters)."""
     out = {k: v for k, v in params.items() if k != "lm_head_packed"}
-    out["layers"] = {
-        k: unpack_weight(v) if isinstance(v, PackedWeight) else v for k, v in params["layers"].items()
-    }
-    if isinstance(out.get("lm_head"), PackedWeight):
-        out["lm_head"] = unpack_weight(out["lm_head"])
+    out["layers"] = {k: _unpack(v) for k, v in params["layers"].items()}
+    if "lm_head" in out:
+        out["lm_head"] = _unpack(out["lm_head"])
     return out

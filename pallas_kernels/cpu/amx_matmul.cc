@@ -1,0 +1,285 @@
+// y = x @ w with bfloat16 operands and float32 accumulation on Intel AMX, as an XLA:CPU FFI call.
+//
+// Why: on a CPU with AMX one TDPBF16PS instruction multiplies a 16 x 32 bf16 tile by a 32 x 16 one
+// into 16 x 16 float32 sums (16,384 FLOP), ~1,000 FLOP per cycle per core against ~64 for float32
+// AVX-512 FMAs. XLA:CPU's bf16 dot uses AMX too (through oneDNN) but re-packs the weight on every
+// call and reached only 70-300 GFLOP/s at the 8-64 rows of a decode step (650 at 1,024 rows) on
+// this project's shapes. Here the weight is packed once, at load time, into the tile layout.
+//
+//   x     bf16 [M, K]               activations, row-major; K a multiple of 32 (the wrapper pads)
+//   w     bf16 [NB, K / 2, 32]      weight packed by pack_weight_bf16(): NB = ceil(N / 16) panels of
+//                                   16 columns in AMX's pair ("VNNI") layout: element [b, p, 2 c + e]
+//                                   = w[2 p + e, 16 b + c] (zero beyond N), so the B tile of panel b
+//                                   and k block kb is 1 KiB of contiguous memory
+//         or bf16 [L, NB, K / 2, 32] a stack of L such weights (one per layer), read in place
+//   layer s32 []                    which of the L weights (ignored for an unstacked w)
+//   rows  s32 [4]                   (a0, a1, b0, b1): only rows in [a0, a1) and [b0, b1) are computed;
+//                                   the others are set to zero (a bucketed step's padding rows)
+//   attr n: the logical N (16 (NB - 1) < n <= 16 NB)
+//   y     f32 [M, N]
+//
+// Tiles: 4 accumulators (2 row tiles x 2 panels = 32 x 32 of y), 2 A tiles, 2 B tiles: all 8 of
+// AMX's registers. Work items are (run of panel pairs, block of rows), claimed from an atomic
+// counter by the calling thread and by helpers on XLA's intra-op thread pool, as in matmul.cc.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define PJ_AMX 1
+#else
+#define PJ_AMX 0
+#endif
+
+#include "wait_done.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int TILE_ROWS = 16;      // rows of an A / C tile
+constexpr int TILE_COLS = 16;      // float32 columns of a C tile = columns of a panel
+constexpr int TILE_K = 32;         // bf16 values of K per tile step
+constexpr int PANEL_ELEMS = TILE_K * TILE_COLS;  // bf16 values of one B tile (1 KiB)
+constexpr int ROWS_PER_ITEM = 128;
+
+// Linux hands out AMX's 8 KiB of tile state only to processes that ask for it (arch_prctl). The
+// permission is per process; each thread still loads its own tile configuration.
+bool amx_permitted() {
+#if PJ_AMX
+  static const bool ok = [] {
+    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023;
+    constexpr long XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+#if PJ_AMX
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// tmm0-3: C (row tile r, panel j) = tmm(2 r + j); tmm4-5: A of row tile 0 / 1; tmm6-7: B of panel 0 / 1.
+void configure_tiles() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = TILE_ROWS;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+#endif
+
+// One tile's worth of rows: where its A rows are and where its C rows go.
+struct RowTile {
+  const uint16_t* a;  // 16 rows of x (stride lda elements), or a zero-padded copy
+  int64_t lda;
+  int64_t m;          // first row of y
+  int rows;           // valid rows (<= 16)
+};
+
+struct RowBlock {
+  int64_t m0, m1;
+};
+
+struct Work {
+  const uint16_t* x;
+  const uint16_t* w;
+  float* y;
+  int64_t N, K, NB, pairs, row_blocks, items;
+  int64_t chunk;  // consecutive panel pairs per work item
+  std::vector<RowBlock> blocks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  std::mutex mu;
+  std::condition_variable cv;
+
+#if PJ_AMX
+  // Stores C tile `t` for rows rt.m.., columns col..: straight into y when whole, else through a
+  // scratch tile (partial rows or the last, partial panel).
+  void store(int t, const RowTile& rt, int64_t col) {
+    const int ncols = static_cast<int>(std::min<int64_t>(TILE_COLS, N - col));
+    if (ncols <= 0) return;
+    const bool whole = rt.rows == TILE_ROWS && ncols == TILE_COLS;
+    alignas(64) float tmp[TILE_ROWS * TILE_COLS];
+    float* dst = whole ? y + rt.m * N + col : tmp;
+    const int64_t stride = whole ? N * 4 : TILE_COLS * 4;
+    switch (t) {  // tile numbers are immediates
+      case 0: _tile_stored(0, dst, stride); break;
+      case 1: _tile_stored(1, dst, stride); break;
+      case 2: _tile_stored(2, dst, stride); break;
+      default: _tile_stored(3, dst, stride); break;
+    }
+    if (!whole)
+      for (int r = 0; r < rt.rows; ++r) std::memcpy(y + (rt.m + r) * N + col, tmp + r * TILE_COLS, 4 * ncols);
+  }
+
+  // y tiles of one or two row tiles x one or two panels, starting at panel b.
+  template <bool TWO_ROWS, bool TWO_PANELS>
+  void block(const RowTile& r0, const RowTile& r1, int64_t b) {
+    const uint16_t* b0 = w + b * (K * TILE_COLS);
+    const uint16_t* b1 = b0 + K * TILE_COLS;
+    _tile_zero(0);
+    if (TWO_PANELS) _tile_zero(1);
+    if (TWO_ROWS) _tile_zero(2);
+    if (TWO_ROWS && TWO_PANELS) _tile_zero(3);
+    for (int64_t kb = 0; kb < K / TILE_K; ++kb) {
+      _tile_loadd(4, r0.a + kb * TILE_K, r0.lda * 2);
+      _tile_loadd(6, b0 + kb * PANEL_ELEMS, 64);
+      if (TWO_PANELS) _tile_loadd(7, b1 + kb * PANEL_ELEMS, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      if (TWO_PANELS) _tile_dpbf16ps(1, 4, 7);
+      if (TWO_ROWS) {
+        _tile_loadd(5, r1.a + kb * TILE_K, r1.lda * 2);
+        _tile_dpbf16ps(2, 5, 6);
+        if (TWO_PANELS) _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+    store(0, r0, b * TILE_COLS);
+    if (TWO_PANELS) store(1, r0, (b + 1) * TILE_COLS);
+    if (TWO_ROWS) store(2, r1, b * TILE_COLS);
+    if (TWO_ROWS && TWO_PANELS) store(3, r1, (b + 1) * TILE_COLS);
+  }
+
+  void run_item(int64_t i, std::vector<uint16_t>& pad) {
+    const RowBlock& rb = blocks[i % row_blocks];
+    const int64_t c = i / row_blocks;
+    // Row tiles of this block; a partial last tile reads a zero-padded copy of its rows (a tile load
+    // of 16 rows would run past the end of x).
+    RowTile tiles[ROWS_PER_ITEM / TILE_ROWS];
+    int nt = 0;
+    for (int64_t m = rb.m0; m < rb.m1; m += TILE_ROWS) {
+      const int rows = static_cast<int>(std::min<int64_t>(TILE_ROWS, rb.m1 - m));
+      RowTile t{x + m * K, K, m, rows};
+      if (rows < TILE_ROWS) {
+        pad.assign(TILE_ROWS * K, 0);
+        std::memcpy(pad.data(), x + m * K, 2 * rows * K);
+        t.a = pad.data();
+      }
+      tiles[nt++] = t;
+    }
+    const int64_t end = std::min(pairs, (c + 1) * chunk);
+    for (int64_t p = c * chunk; p < end; ++p) {
+      const int64_t b = 2 * p;
+      const bool two_panels = b + 1 < NB;
+      int t = 0;
+      for (; t + 1 < nt; t += 2) {
+        if (two_panels) block<true, true>(tiles[t], tiles[t + 1], b);
+        else block<true, false>(tiles[t], tiles[t + 1], b);
+      }
+      if (t < nt) {
+        if (two_panels) block<false, true>(tiles[t], tiles[t], b);
+        else block<false, false>(tiles[t], tiles[t], b);
+      }
+    }
+  }
+#endif
+
+  void work() {
+#if PJ_AMX
+    configure_tiles();
+    std::vector<uint16_t> pad;
+    int64_t finished = 0;
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < items;
+         i = next.fetch_add(1, std::memory_order_relaxed)) {
+      run_item(i, pad);
+      ++finished;
+    }
+    _tile_release();
+    if (finished && done.fetch_add(finished, std::memory_order_acq_rel) + finished == items) {
+      std::lock_guard<std::mutex> lock(mu);
+      cv.notify_all();
+    }
+#endif
+  }
+};
+
+ffi::Error AmxMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                         ffi::Buffer<ffi::S32> layer_buf, ffi::Buffer<ffi::S32> rows_buf, int64_t n,
+                         ffi::ResultBuffer<ffi::F32> y) {
+  if (!amx_permitted()) return ffi::Error::Internal("AMX is not available in this process");
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("x must be [M, K]");
+  if ((wd.size() != 3 && wd.size() != 4) || wd[wd.size() - 1] != 2 * TILE_COLS)
+    return ffi::Error::InvalidArgument("w must be packed as [NB, K/2, 32] or [L, NB, K/2, 32]");
+  const bool stacked = wd.size() == 4;
+  const int64_t L = stacked ? wd[0] : 1;
+  const int64_t NB = wd[stacked ? 1 : 0], WK = 2 * wd[stacked ? 2 : 1];
+  const int64_t M = xd[0], K = xd[1];
+  if (WK != K) return ffi::Error::InvalidArgument("w's K does not match x's K");
+  if (K % TILE_K != 0) return ffi::Error::InvalidArgument("K must be a multiple of 32");
+  if (n <= (NB - 1) * TILE_COLS || n > NB * TILE_COLS)
+    return ffi::Error::InvalidArgument("n does not match w's panels");
+  if (rows_buf.element_count() != 4) return ffi::Error::InvalidArgument("rows must be s32[4]");
+  int64_t layer = stacked ? layer_buf.typed_data()[0] : 0;
+  layer = std::min<int64_t>(std::max<int64_t>(layer, 0), L - 1);
+  if (M == 0) return ffi::Error::Success();
+
+  const int32_t* r = rows_buf.typed_data();
+  int64_t a0 = std::clamp<int64_t>(r[0], 0, M), a1 = std::clamp<int64_t>(r[1], a0, M);
+  int64_t b0 = std::clamp<int64_t>(r[2], a1, M), b1 = std::clamp<int64_t>(r[3], b0, M);
+  if (K == 0) a1 = a0, b1 = b0;
+  float* yd = y->typed_data();
+  auto zero_rows = [&](int64_t from, int64_t to) {
+    if (to > from) std::memset(yd + from * n, 0, sizeof(float) * (to - from) * n);
+  };
+  zero_rows(0, a0);
+  zero_rows(a1, b0);
+  zero_rows(b1, M);
+
+  auto state = std::make_shared<Work>();
+  for (auto [lo, hi] : {std::pair<int64_t, int64_t>{a0, a1}, std::pair<int64_t, int64_t>{b0, b1}})
+    for (int64_t m = lo; m < hi; m += ROWS_PER_ITEM) state->blocks.push_back({m, std::min(hi, m + ROWS_PER_ITEM)});
+  if (state->blocks.empty()) return ffi::Error::Success();
+  state->x = reinterpret_cast<const uint16_t*>(x.typed_data());
+  state->w = reinterpret_cast<const uint16_t*>(w.typed_data()) + layer * NB * K * TILE_COLS;
+  state->y = yd;
+  state->N = n;
+  state->K = K;
+  state->NB = NB;
+  state->pairs = (NB + 1) / 2;
+  state->row_blocks = int64_t(state->blocks.size());
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  state->chunk = std::max<int64_t>(1, state->pairs / (threads * 8));
+  state->items = ((state->pairs + state->chunk - 1) / state->chunk) * state->row_blocks;
+  const int64_t helpers = std::min<int64_t>(threads - 1, state->items - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state] { state->work(); });
+  state->work();
+  pagedjax_cpu::wait_done(state->done, state->items, state->mu, state->cv);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedJaxAmxMatmul, AmxMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // x
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // packed w (maybe stacked)
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // layer
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // rows
+                                  .Attr<int64_t>("n")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// 1 when this build has the AMX path and the OS lets this process use AMX tiles.
+extern "C" int pagedjax_cpu_amx_available() { return PJ_AMX && amx_permitted() ? 1 : 0; }
