@@ -98,7 +98,7 @@ def resolve_matmul_backend(name: str, params: dict, platform: str | None = None)
     kernel = _kernel_for(dtype)
     if name == "cpu":
         if kernel is None:
-            raise ValueError(f"matmul_backend='cpu' packs float32 or bfloat16 weights, not {dtype}; use 'xla'")
+            raise ValueError(f"matmul_backend='cpu' packs float32 or bfloat16 weights, not {dtype}")
         if not kernel.is_available():
             raise RuntimeError(kernel.unavailable_reason())
         return "cpu"
