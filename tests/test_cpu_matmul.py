@@ -89,21 +89,30 @@ def test_portable_build_without_avx512():
 
 
 def test_backend_resolution(monkeypatch):
+    from pallas_kernels.cpu import amx_matmul as amx
+
     f32 = {"layers": {"wqkv": jnp.zeros((1, 2, 2), jnp.float32)}}
     bf16 = {"layers": {"wqkv": jnp.zeros((1, 2, 2), jnp.bfloat16)}}
+    f16 = {"layers": {"wqkv": jnp.zeros((1, 2, 2), jnp.float16)}}
     assert resolve_matmul_backend("auto", f32, platform="cpu") == "cpu"
-    assert resolve_matmul_backend("auto", bf16, platform="cpu") == "xla"
+    # bfloat16 weights: the AMX kernel where this CPU has AMX, else XLA's dot.
+    assert resolve_matmul_backend("auto", bf16, platform="cpu") == ("cpu" if amx.is_available() else "xla")
     assert resolve_matmul_backend("auto", f32, platform="gpu") == "xla"
+    assert resolve_matmul_backend("auto", f16, platform="cpu") == "xla"
     assert resolve_matmul_backend("xla", f32) == "xla"
     with pytest.raises(ValueError, match="matmul_backend must be one of"):
         resolve_matmul_backend("mkl", f32)
-    with pytest.raises(ValueError, match="float32"):
-        resolve_matmul_backend("cpu", bf16)
-    # Unavailable kernel (no compiler, PAGEDJAX_CPU_MATMUL=0, ...): auto keeps XLA's dot, cpu says why.
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        resolve_matmul_backend("cpu", f16)
+    # Unavailable kernel (no compiler, PAGEDJAX_CPU_MATMUL=0, no AMX ...): auto keeps XLA's dot, cpu says why.
     monkeypatch.setattr(pm, "_state", {"error": "CPU packed matmul unavailable: test"})
+    monkeypatch.setattr(amx, "_state", {"error": "CPU AMX matmul unavailable: test"})
     assert resolve_matmul_backend("auto", f32, platform="cpu") == "xla"
+    assert resolve_matmul_backend("auto", bf16, platform="cpu") == "xla"
     with pytest.raises(RuntimeError, match="unavailable: test"):
         resolve_matmul_backend("cpu", f32)
+    with pytest.raises(RuntimeError, match="AMX matmul unavailable: test"):
+        resolve_matmul_backend("cpu", bf16)
 
 
 def test_pack_params_round_trip(model_dir):

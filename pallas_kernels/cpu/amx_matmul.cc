@@ -133,16 +133,21 @@ struct Work {
       for (int r = 0; r < rt.rows; ++r) std::memcpy(y + (rt.m + r) * N + col, tmp + r * TILE_COLS, 4 * ncols);
   }
 
-  // y tiles of one or two row tiles x one or two panels, starting at panel b.
+  // y tiles of one or two row tiles x one or two panels, starting at panel b. Meanwhile it pulls
+  // pf_lines cache lines from pf into L2, spread evenly over the K steps: the next panels' first
+  // sweep would otherwise wait on DRAM (tile loads get little help from the hardware prefetchers).
   template <bool TWO_ROWS, bool TWO_PANELS>
-  void block(const RowTile& r0, const RowTile& r1, int64_t b) {
+  void block(const RowTile& r0, const RowTile& r1, int64_t b, const char* pf, int64_t pf_lines) {
     const uint16_t* b0 = w + b * (K * TILE_COLS);
     const uint16_t* b1 = b0 + K * TILE_COLS;
+    const int64_t steps = K / TILE_K;
+    int64_t pf_acc = 0;
     _tile_zero(0);
     if (TWO_PANELS) _tile_zero(1);
     if (TWO_ROWS) _tile_zero(2);
     if (TWO_ROWS && TWO_PANELS) _tile_zero(3);
-    for (int64_t kb = 0; kb < K / TILE_K; ++kb) {
+    for (int64_t kb = 0; kb < steps; ++kb) {
+      for (pf_acc += pf_lines; pf_acc >= steps; pf_acc -= steps, pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
       _tile_loadd(4, r0.a + kb * TILE_K, r0.lda * 2);
       _tile_loadd(6, b0 + kb * PANEL_ELEMS, 64);
       if (TWO_PANELS) _tile_loadd(7, b1 + kb * PANEL_ELEMS, 64);
@@ -160,7 +165,12 @@ struct Work {
     if (TWO_ROWS && TWO_PANELS) store(3, r1, (b + 1) * TILE_COLS);
   }
 
-  void run_item(int64_t i, std::vector<uint16_t>& pad) {
+  const uint16_t* pair_start(int64_t p) const { return w + 2 * p * (K * TILE_COLS); }
+  int64_t pair_lines(int64_t p) const { return (std::min<int64_t>(2, NB - 2 * p) * K * TILE_COLS * 2) / 64; }
+
+  // Item i; `following` is the item this thread runs next (or -1), whose first panel pair is
+  // prefetched while this item's last pair is computed.
+  void run_item(int64_t i, int64_t following, std::vector<uint16_t>& pad) {
     const RowBlock& rb = blocks[i % row_blocks];
     const int64_t c = i / row_blocks;
     // Row tiles of this block; a partial last tile reads a zero-padded copy of its rows (a tile load
@@ -181,14 +191,20 @@ struct Work {
     for (int64_t p = c * chunk; p < end; ++p) {
       const int64_t b = 2 * p;
       const bool two_panels = b + 1 < NB;
+      // The next pair's weights go to L2 during the first row tiles' sweep (later sweeps of this
+      // pair read it from L2 already).
+      int64_t np = p + 1 < end ? p + 1 : (following >= 0 ? (following / row_blocks) * chunk : -1);
+      const char* pf = np >= 0 ? reinterpret_cast<const char*>(pair_start(np)) : nullptr;
+      int64_t pf_lines = np >= 0 ? pair_lines(np) : 0;
       int t = 0;
       for (; t + 1 < nt; t += 2) {
-        if (two_panels) block<true, true>(tiles[t], tiles[t + 1], b);
-        else block<true, false>(tiles[t], tiles[t + 1], b);
+        if (two_panels) block<true, true>(tiles[t], tiles[t + 1], b, pf, pf_lines);
+        else block<true, false>(tiles[t], tiles[t + 1], b, pf, pf_lines);
+        pf_lines = 0;
       }
       if (t < nt) {
-        if (two_panels) block<false, true>(tiles[t], tiles[t], b);
-        else block<false, false>(tiles[t], tiles[t], b);
+        if (two_panels) block<false, true>(tiles[t], tiles[t], b, pf, pf_lines);
+        else block<false, false>(tiles[t], tiles[t], b, pf, pf_lines);
       }
     }
   }
@@ -199,10 +215,13 @@ struct Work {
     configure_tiles();
     std::vector<uint16_t> pad;
     int64_t finished = 0;
-    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < items;
-         i = next.fetch_add(1, std::memory_order_relaxed)) {
-      run_item(i, pad);
+    // Claim the following item one ahead, so its first weights stream in during this one.
+    int64_t i = next.fetch_add(1, std::memory_order_relaxed);
+    while (i < items) {
+      const int64_t following = next.fetch_add(1, std::memory_order_relaxed);
+      run_item(i, following < items ? following : -1, pad);
       ++finished;
+      i = following;
     }
     _tile_release();
     if (finished && done.fetch_add(finished, std::memory_order_acq_rel) + finished == items) {
