@@ -2,9 +2,11 @@
 
 Each row is one projection of a model (default: the ~125M benchmark Llama: hidden 768, 12/4 heads of
 64, MLP 2048, vocab 32k) at a step's row count M (decode-sized and prefill-sized). Both sides get
-float32 operands; the kernel's weight is packed once, outside the timing (as the engine does).
+operands of `--dtype` (float32: the AVX-512 panel kernel; bfloat16: the AMX tile kernel, both with
+float32 accumulation); the kernel's weight is packed once, outside the timing (as the engine does).
 
     python experiments/bench_matmul.py                      # table
+    python experiments/bench_matmul.py --dtype bfloat16     # XLA's bf16 dot vs the AMX kernel
     python experiments/bench_matmul.py --rows 8,64,576 --repeats 50 --plot matmul.png
 """
 
@@ -18,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.cpu import amx_matmul as amx
 from pallas_kernels.cpu import packed_matmul as pm
 
 
@@ -49,26 +52,30 @@ def main() -> None:
         "--shape", default="768,12,4,64,2048,32000", help="hidden,heads,kv_heads,head_dim,mlp,vocab"
     )
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--plot", default=None, help="write a bar chart of GFLOP/s here")
     args = p.parse_args()
-    if not pm.is_available():
-        raise SystemExit(f"packed kernel unavailable: {pm.unavailable_reason()}")
+    kernel = amx if args.dtype == "bfloat16" else pm
+    if not kernel.is_available():
+        raise SystemExit(f"packed kernel unavailable: {kernel.unavailable_reason()}")
+    dtype = jnp.dtype(args.dtype)
+    pack = amx.pack_weight_bf16 if args.dtype == "bfloat16" else pm.pack_weight
     rows = [int(r) for r in args.rows.split(",")]
     projs = projections(*[int(x) for x in args.shape.split(",")])
     xla = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32))
-    packed = jax.jit(pm.packed_matmul)
+    packed = jax.jit(amx.amx_matmul if args.dtype == "bfloat16" else pm.packed_matmul)
     rng = np.random.default_rng(0)
     table = []
     for m in rows:
         for name, k, n in projs:
-            x = jnp.asarray(rng.standard_normal((m, k), np.float32))
-            w = jnp.asarray(rng.standard_normal((k, n), np.float32))
-            pw = pm.pack_weight(w)
+            x = jnp.asarray(rng.standard_normal((m, k), np.float32), dtype)
+            w = jnp.asarray(rng.standard_normal((k, n), np.float32), dtype)
+            pw = pack(w)
             a, b = time_ms(xla, x, w, repeats=args.repeats), time_ms(packed, x, pw, repeats=args.repeats)
             flops = 2 * m * k * n
             table.append((m, name, k, n, a, b, flops / a / 1e6, flops / b / 1e6))
     dev = jax.devices()[0].device_kind
-    print(f"device: {dev}, {jax.device_count()} device(s); float32; median of {args.repeats}")
+    print(f"device: {dev}, {jax.device_count()} device(s); {args.dtype}; median of {args.repeats}")
     print("| M | projection | K x N | xla dot ms | packed ms | xla GFLOP/s | packed GFLOP/s | speed-up |")
     print("|---|---|---|---|---|---|---|---|")
     for m, name, k, n, a, b, ga, gb in table:

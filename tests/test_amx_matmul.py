@@ -132,3 +132,17 @@ def test_engine_bf16_outputs_match_xla_dot(model_dir, variant):
         for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
             for t in la.keys() & lb.keys():
                 assert abs(la[t] - lb[t]) < 2e-3
+
+
+def test_bench_matmul_script_runs_bf16(capsys, monkeypatch):
+    """experiments/bench_matmul.py --dtype bfloat16 (README numbers: XLA's bf16 dot vs this kernel)."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "bench_matmul.py"
+    argv = [str(script), "--rows", "3", "--shape", "32,2,1,16,48,100", "--repeats", "1", "--dtype", "bfloat16"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "bfloat16" in out and "| 3 | lm_head | 32 x 100 |" in out and "all rows:" in out

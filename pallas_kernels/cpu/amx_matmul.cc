@@ -181,8 +181,9 @@ struct Work {
       const int rows = static_cast<int>(std::min<int64_t>(TILE_ROWS, rb.m1 - m));
       RowTile t{x + m * K, K, m, rows};
       if (rows < TILE_ROWS) {
-        pad.assign(TILE_ROWS * K, 0);
+        pad.resize(TILE_ROWS * K);
         std::memcpy(pad.data(), x + m * K, 2 * rows * K);
+        std::memset(pad.data() + rows * K, 0, 2 * (TILE_ROWS - rows) * K);
         t.a = pad.data();
       }
       tiles[nt++] = t;
