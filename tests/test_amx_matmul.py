@@ -141,7 +141,8 @@ def test_bench_matmul_script_runs_bf16(capsys, monkeypatch):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "experiments" / "bench_matmul.py"
-    argv = [str(script), "--rows", "3", "--shape", "32,2,1,16,48,100", "--repeats", "1", "--dtype", "bfloat16"]
+    argv = [str(script), "--rows", "3", "--shape", "32,2,1,16,48,100", "--repeats", "1"]
+    argv += ["--dtype", "bfloat16"]
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(script), run_name="__main__")
     out = capsys.readouterr().out
