@@ -380,7 +380,7 @@ def run_pagedjax(
         kwargs["attention_backend"] = attention_backend
     if matmul_backend != "auto":
         kwargs["matmul_backend"] = matmul_backend
-    for k in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory"):
+    for k in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory", "block_size"):
         v = getattr(args, k)
         if v is not None:
             kwargs[k] = v
@@ -866,6 +866,7 @@ def parse_args(argv=None):
     )
     g.add_argument("--max-num-seqs", type=int, default=None)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=None, help="pagedjax tokens per KV page (default 16)")
     g.add_argument(
         "--max-model-len",
         type=int,

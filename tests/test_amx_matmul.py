@@ -90,6 +90,27 @@ def test_stacked_weight_with_traced_layer_in_scan():
         h = np.tanh(np.asarray(jnp.asarray(ys[i], jnp.bfloat16).astype(jnp.float32)) @ proj)
 
 
+@pytest.mark.parametrize("m,k,f", [(1, 32, 16), (17, 50, 48), (40, 96, 32), (130, 256, 80)])
+def test_swiglu_epilogue_matches_numpy(m, k, f):
+    """A [gate | up] weight packed with swiglu=True returns bf16(silu(x @ gate) * (x @ up))."""
+    rng = np.random.default_rng(m + k + f)
+    x, w = _bf16(rng, m, k), _bf16(rng, k, 2 * f) * 0.25  # a power of two keeps the bf16 grid
+    pw = amx.pack_weight_bf16(w, swiglu=True)
+    np.testing.assert_array_equal(np.asarray(amx.unpack_weight_bf16(pw).astype(jnp.float32)), w)
+    rows = jnp.asarray([0, m - m // 3, m - m // 3, m], jnp.int32)  # all rows, split in two ranges
+    got = amx.amx_matmul(jnp.asarray(x), pw, None, rows)
+    assert got.shape == (m, f) and got.dtype == jnp.bfloat16
+    y = _reference(x, w)
+    gate, up = y[:, :f], y[:, f:]
+    want = gate / (1 + np.exp(-gate)) * up
+    # float32 math, then one bf16 rounding (relative 2^-9) of the result
+    np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), want, rtol=2**-8, atol=1e-5)
+    padded = amx.amx_matmul(jnp.asarray(x), pw, None, jnp.asarray([1, m, m, m], jnp.int32))
+    assert np.all(np.asarray(padded.astype(jnp.float32))[0] == 0), "padding rows are zero"
+    with pytest.raises(ValueError, match="swiglu packing"):
+        amx.pack_weight_bf16(w[:, :-16] if f > 16 else w[:, :24], swiglu=True)
+
+
 def test_bad_inputs_raise():
     pw = amx.pack_weight_bf16(np.ones((2, 32, 16), np.float32))
     with pytest.raises(ValueError, match="layer index"):
@@ -124,8 +145,10 @@ def test_engine_bf16_outputs_match_xla_dot(model_dir, variant):
     for backend in ("xla", "cpu"):
         llm = LLM(model_dir(variant), matmul_backend=backend, **kw)
         assert llm.llm_engine.runner.matmul_backend == backend
-        packed = llm.llm_engine.runner.params["layers"]["wqkv"]
-        assert isinstance(packed, amx.AmxPackedWeight) == (backend == "cpu")
+        layers = llm.llm_engine.runner.params["layers"]
+        assert isinstance(layers["wqkv"], amx.AmxPackedWeight) == (backend == "cpu")
+        if backend == "cpu":  # the MLP's activation runs inside the kernel
+            assert layers["w_gate_up"].swiglu
         runs[backend] = llm.generate(prompts, sp, use_tqdm=False)
     for a, b in zip(runs["xla"], runs["cpu"], strict=True):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids

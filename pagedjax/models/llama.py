@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pagedjax.config import ModelConfig
-from pagedjax.models.layers.linear import linear, lm_head, split_layer_weights
+from pagedjax.models.layers.linear import linear, lm_head, split_layer_weights, swiglu_mlp_input
 from pagedjax.models.layers.norm import rms_norm
 from pagedjax.models.layers.rope import apply_rope, inverse_frequencies, rope_tables
 from pallas_kernels import AttentionMetadata, write_kv
@@ -110,8 +110,8 @@ def forward_hidden(
         """Output projection + residual, then the MLP block + residual."""
         h = h + linear(attn, w["wo"], idx, valid_rows)
         x = rms_norm(h, w["mlp_norm"], c.rms_norm_eps)
-        gate, up = jnp.split(linear(x, w["w_gate_up"], idx, valid_rows), 2, axis=-1)
-        return h + linear(jax.nn.silu(gate) * up, w["w_down"], idx, valid_rows)
+        act = swiglu_mlp_input(x, w["w_gate_up"], idx, valid_rows)
+        return h + linear(act, w["w_down"], idx, valid_rows)
 
     def weights(idx):
         return {**jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, idx, keepdims=False), sliced), **whole}

@@ -11,6 +11,9 @@ it; it is unavailable (and "auto" stays on XLA's dot) where the CPU or OS has no
 
     pw = pack_weight_bf16(w)       # w: [..., K, N] -> AmxPackedWeight (bf16 [..., NB, Kp / 2, 32])
     y = amx_matmul(x, pw)          # x: [M, K] (cast to bf16) -> f32 [M, N]
+
+    pg = pack_weight_bf16(w_gate_up, swiglu=True)   # an MLP's [gate | up] weight, N = 2 F
+    act = amx_matmul(x, pg)        # -> bf16 [M, F] = silu(x @ gate) * (x @ up), fused in the kernel
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from pallas_kernels import cpu as _cpu
 SOURCE = Path(__file__).with_name("amx_matmul.cc")
 TARGET = "pagedjax_cpu_amx_matmul"
 SYMBOL = "PagedJaxAmxMatmul"
+SWIGLU_TARGET = "pagedjax_cpu_amx_matmul_swiglu"
+SWIGLU_SYMBOL = "PagedJaxAmxMatmulSwiglu"
 FLAGS = (*_cpu.FLAGS, "-mamx-tile", "-mamx-bf16")
 PANEL = 16  # columns per packed panel (one AMX accumulator tile)
 K_STEP = 32  # K is padded to a multiple of this (one bf16 A tile row)
@@ -42,11 +47,16 @@ class AmxPackedWeight:
     """A [..., K, N] weight stored as bf16 [..., ceil(N / 16), Kp / 2, 32] (Kp = K rounded up to 32).
 
     Element [..., b, p, 2 c + e] = w[..., 2 p + e, 16 b + c]: per panel of 16 columns, pairs of
-    consecutive K rows interleaved, which is the B-operand layout of AMX's TDPBF16PS."""
+    consecutive K rows interleaved, which is the B-operand layout of AMX's TDPBF16PS.
+
+    swiglu: the weight is an MLP's [gate | up] (N = 2 F, F a multiple of 16) with its panels
+    interleaved (gate panel j at 2 j, up panel j at 2 j + 1); the kernel then returns the gated
+    activation bf16 [M, F] instead of f32 [M, N]."""
 
     data: jax.Array
     k: int = field(metadata=dict(static=True))
     n: int = field(metadata=dict(static=True))
+    swiglu: bool = field(default=False, metadata=dict(static=True))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -54,36 +64,56 @@ class AmxPackedWeight:
         return (*self.data.shape[:-3], self.k, self.n)
 
 
-jax.tree_util.register_dataclass(AmxPackedWeight, data_fields=["data"], meta_fields=["k", "n"])
+jax.tree_util.register_dataclass(AmxPackedWeight, data_fields=["data"], meta_fields=["k", "n", "swiglu"])
 
 
 def _padded_k(k: int) -> int:
     return -(-k // K_STEP) * K_STEP
 
 
-def pack_weight_bf16(w: jax.Array) -> AmxPackedWeight:
-    """[..., K, N] (any float dtype; rounded to bf16) -> AmxPackedWeight."""
+def swiglu_packable(n: int) -> bool:
+    """Whether a [gate | up] weight of N columns can be packed with swiglu=True."""
+    return n % (2 * PANEL) == 0
+
+
+def _swiglu_columns(n: int) -> np.ndarray:
+    """Column order that puts gate panel j, then up panel j, side by side (N = 2 F)."""
+    f = n // 2
+    gate = np.arange(f).reshape(-1, PANEL)
+    return np.stack([gate, gate + f], axis=1).reshape(-1)
+
+
+def pack_weight_bf16(w: jax.Array, swiglu: bool = False) -> AmxPackedWeight:
+    """[..., K, N] (any float dtype; rounded to bf16) -> AmxPackedWeight (see its docstring)."""
     w = jnp.asarray(w, jnp.bfloat16)
     *lead, k, n = w.shape
+    if swiglu:
+        if not swiglu_packable(n):
+            raise ValueError(f"swiglu packing needs N = 2 F with F a multiple of {PANEL}, got N = {n}")
+        w = w[..., _swiglu_columns(n)]
     kp, nb = _padded_k(k), -(-n // PANEL)
     w = jnp.pad(w, [(0, 0)] * len(lead) + [(0, kp - k), (0, nb * PANEL - n)])
     w = w.reshape(*lead, kp // 2, 2, nb, PANEL)  # [..., p, e, b, c]
     nd = len(lead)
     w = jnp.transpose(w, (*range(nd), nd + 2, nd, nd + 3, nd + 1))  # [..., b, p, c, e]
-    return AmxPackedWeight(w.reshape(*lead, nb, kp // 2, 2 * PANEL), k, n)
+    return AmxPackedWeight(w.reshape(*lead, nb, kp // 2, 2 * PANEL), k, n, swiglu)
 
 
 def unpack_weight_bf16(pw: AmxPackedWeight) -> jax.Array:
-    """Inverse of `pack_weight_bf16` (bf16 [..., K, N])."""
+    """Inverse of `pack_weight_bf16` (bf16 [..., K, N], columns in their original order)."""
     *lead, nb, half_k, _ = pw.data.shape
     nd = len(lead)
     w = pw.data.reshape(*lead, nb, half_k, PANEL, 2)  # [..., b, p, c, e]
     w = jnp.transpose(w, (*range(nd), nd + 1, nd + 3, nd, nd + 2))  # [..., p, e, b, c]
-    return w.reshape(*lead, 2 * half_k, nb * PANEL)[..., : pw.k, : pw.n]
+    w = w.reshape(*lead, 2 * half_k, nb * PANEL)[..., : pw.k, : pw.n]
+    if pw.swiglu:
+        w = w[..., np.argsort(_swiglu_columns(pw.n))]
+    return w
 
 
 def _load_checked():
     lib = _cpu.load(FLAGS, TARGET, source=SOURCE, symbol=SYMBOL)
+    jax.ffi.register_ffi_target(SWIGLU_TARGET, jax.ffi.pycapsule(getattr(lib, SWIGLU_SYMBOL)), platform="cpu")
     if not lib.pagedjax_cpu_amx_available():
         raise RuntimeError("no AMX here (CPU without amx_bf16/amx_tile, or the OS refused the tile state)")
     return lib
@@ -114,8 +144,9 @@ def amx_matmul(
 ) -> jax.Array:
     """[M, K] @ packed [K, N] -> f32 [M, N]: x is rounded to bf16, products summed in float32.
 
-    Same contract as `packed_matmul`: a stacked weight needs `layer` (read in place); `valid_rows`
-    (i32[4]) limits the rows computed to [v0, v1) and [v2, v3), the others are zero."""
+    A swiglu weight returns bf16 [M, N / 2] = silu(x @ gate) * (x @ up) (computed in float32, then
+    rounded). Same contract as `packed_matmul`: a stacked weight needs `layer` (read in place);
+    `valid_rows` (i32[4]) limits the rows computed to [v0, v1) and [v2, v3), the others are zero."""
     _ensure_loaded()
     if w.data.ndim not in (3, 4):
         raise ValueError(f"packed weight data must be [NB, K/2, 32] or [L, NB, K/2, 32], got {w.data.shape}")
@@ -127,7 +158,10 @@ def amx_matmul(
     kp = 2 * w.data.shape[-2]
     if kp != w.k:
         x = jnp.pad(x, ((0, 0), (0, kp - w.k)))
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], w.n), jnp.float32))
+    if w.swiglu:
+        call = jax.ffi.ffi_call(SWIGLU_TARGET, jax.ShapeDtypeStruct((x.shape[0], w.n // 2), jnp.bfloat16))
+    else:
+        call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], w.n), jnp.float32))
     layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(())
     m = x.shape[0]
     rows = jnp.asarray([0, m, m, m] if valid_rows is None else valid_rows, jnp.int32).reshape(4)
@@ -139,6 +173,7 @@ __all__ = [
     "amx_matmul",
     "is_available",
     "pack_weight_bf16",
+    "swiglu_packable",
     "unavailable_reason",
     "unpack_weight_bf16",
 ]

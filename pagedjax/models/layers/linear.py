@@ -10,7 +10,9 @@ Matmul backends (`matmul_backend` on LLM / the CLI):
   "auto" "cpu" on the CPU platform when the kernel for the weights' dtype runs here, else "xla".
 
 `pack_params` rewrites a parameter pytree for the "cpu" backend (every projection becomes a
-`PackedWeight` or `AmxPackedWeight`; tied embeddings also get a packed copy as "lm_head_packed");
+`PackedWeight` or `AmxPackedWeight`, the bf16 MLP [gate | up] weight packed so that the AMX kernel
+also applies the SiLU gate, see `swiglu_mlp_input`; tied embeddings also get a packed copy as
+"lm_head_packed");
 `unpack_params` undoes it (for checkpoints). `linear` dispatches on the weight's type, so model code
 is the same for every backend.
 """
@@ -21,7 +23,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.cpu.amx_matmul import AmxPackedWeight, amx_matmul, pack_weight_bf16, unpack_weight_bf16
+from pallas_kernels.cpu.amx_matmul import (
+    AmxPackedWeight,
+    amx_matmul,
+    pack_weight_bf16,
+    swiglu_packable,
+    unpack_weight_bf16,
+)
 from pallas_kernels.cpu.packed_matmul import PackedWeight, pack_weight, packed_matmul, unpack_weight
 
 MATMUL_BACKENDS = ("auto", "xla", "cpu")
@@ -43,8 +51,26 @@ def linear(
     if isinstance(w, PackedWeight):
         return packed_matmul(x.astype(jnp.float32), w, layer, valid_rows)
     if isinstance(w, AmxPackedWeight):
+        if w.swiglu:
+            raise ValueError("a swiglu-packed weight returns the gated activation: use swiglu_mlp_input")
         return amx_matmul(x, w, layer, valid_rows)
     return jnp.dot(x.astype(w.dtype), w, precision=_precision(w.dtype), preferred_element_type=jnp.float32)
+
+
+def swiglu_mlp_input(
+    x: jax.Array,
+    w_gate_up: jax.Array | PackedWeight | AmxPackedWeight,
+    layer: jax.Array | None = None,
+    valid_rows: jax.Array | None = None,
+) -> jax.Array:
+    """silu(x @ W_gate) * (x @ W_up) for a fused [gate | up] weight: the down projection's input.
+
+    The AMX kernel computes it inside the matmul (bf16 out) when the weight was packed for it;
+    otherwise the product is split and activated here (float32)."""
+    if isinstance(w_gate_up, AmxPackedWeight) and w_gate_up.swiglu:
+        return amx_matmul(x, w_gate_up, layer, valid_rows)
+    gate, up = jnp.split(linear(x, w_gate_up, layer, valid_rows), 2, axis=-1)
+    return jax.nn.silu(gate) * up
 
 
 def _precision(dtype) -> lax.Precision | None:
@@ -118,7 +144,11 @@ def pack_params(params: dict) -> dict:
     out = dict(params)
     out["layers"] = dict(params["layers"])
     for key in PACKED_LAYER_WEIGHTS:
-        out["layers"][key] = pack(params["layers"][key])
+        w = params["layers"][key]
+        if bf16 and key == "w_gate_up" and swiglu_packable(w.shape[-1]):
+            out["layers"][key] = pack_weight_bf16(w, swiglu=True)  # activation fused into the kernel
+        else:
+            out["layers"][key] = pack(w)
     if "lm_head" in params:
         out["lm_head"] = pack(params["lm_head"])
     else:
