@@ -849,7 +849,10 @@ def parse_args(argv=None):
     g.add_argument("--max-total-len", type=int, default=2048, help="sharegpt: drop prompt+output above this")
     g = p.add_argument_group("engines")
     g.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16"], help="pagedjax (and vllm) dtype"
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="pagedjax (and vllm) dtype; auto = pagedjax default here (bf16 on CPUs with AMX, else float32)",
     )
     g.add_argument(
         "--attention-backend",
@@ -983,6 +986,11 @@ def build_workload(args, spec: ModelSpec) -> list[Request]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.dtype == "auto":
+        from pagedjax.engine.llm_engine import default_dtype
+
+        args.dtype = default_dtype()
+        print(f"[dtype] auto -> {args.dtype} (pagedjax's default on this machine)")
     import torch
     import transformers
 
