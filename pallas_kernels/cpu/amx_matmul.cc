@@ -61,6 +61,9 @@ constexpr int TILE_COLS = 16;      // float32 columns of a C tile = columns of a
 constexpr int TILE_K = 32;         // bf16 values of K per tile step
 constexpr int PANEL_ELEMS = TILE_K * TILE_COLS;  // bf16 values of one B tile (1 KiB)
 constexpr int ROWS_PER_ITEM = 128;
+#ifndef PJ_AMX_L2PF
+#define PJ_AMX_L2PF 1  // software L2 prefetch of the next panel pair (0: leave it to the hardware)
+#endif
 
 // Linux hands out AMX's 8 KiB of tile state only to processes that ask for it (arch_prctl). The
 // permission is per process; each thread still loads its own tile configuration.
@@ -170,7 +173,8 @@ struct Work {
     if (TWO_ROWS) _tile_zero(2);
     if (TWO_ROWS && TWO_PANELS) _tile_zero(3);
     for (int64_t kb = 0; kb < steps; ++kb) {
-      for (pf_acc += pf_lines; pf_acc >= steps; pf_acc -= steps, pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
+      if (PJ_AMX_L2PF)
+        for (pf_acc += pf_lines; pf_acc >= steps; pf_acc -= steps, pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
       _tile_loadd(4, r0.a + kb * TILE_K, r0.lda * 2);
       _tile_loadd(6, b0 + kb * PANEL_ELEMS, 64);
       if (TWO_PANELS) _tile_loadd(7, b1 + kb * PANEL_ELEMS, 64);
