@@ -4,9 +4,9 @@ Against a float64 numpy product of the bf16-rounded operands (the kernel sums ex
 in float32): row counts around the 16-row tile, the 32-row tile pair and the 128-row work item,
 column counts around the 16-column panel and the panel pair, K not a multiple of 32 (padded);
 `valid_rows` leaving padding rows zero; stacked per-layer weights read in place with a traced layer
-index under lax.scan; the pack/unpack round trip; and the engine's bf16 greedy tokens and logprobs
-with matmul_backend "cpu" (this kernel) vs "xla" (XLA's bf16 dot). Skipped where the CPU or OS has
-no AMX.
+index under lax.scan; the pack/unpack round trip; the fused SwiGLU output. (pack_params and the
+engine's bf16 tokens with this kernel vs XLA's dot: tests/test_cpu_matmul.py.) Skipped where the
+CPU or OS has no AMX.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pagedjax.models.layers.linear import pack_params, unpack_params
 from pallas_kernels.cpu import amx_matmul as amx
 
 pytestmark = pytest.mark.skipif(not amx.is_available(), reason=f"unavailable: {amx.unavailable_reason()}")
@@ -117,44 +116,6 @@ def test_bad_inputs_raise():
         amx.amx_matmul(jnp.ones((3, 32)), pw)
     with pytest.raises(ValueError, match=r"x must be \[M, 32\]"):
         amx.amx_matmul(jnp.ones((3, 31)), pw, 0)
-
-
-def test_pack_params_bf16_round_trip(model_dir):
-    from pagedjax.models.loader import load_model
-
-    for tie in (False, True):
-        params = load_model(model_dir("llama", tie_word_embeddings=tie), "bfloat16").params
-        packed = pack_params(params)
-        assert isinstance(packed["layers"]["w_down"], amx.AmxPackedWeight)
-        assert ("lm_head_packed" in packed) == tie
-        back = unpack_params(packed)
-        assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params)
-        for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(params), strict=True):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-@pytest.mark.parametrize("variant", ["llama", "qwen2"])
-def test_engine_bf16_outputs_match_xla_dot(model_dir, variant):
-    """Same bf16 weights, same f32 accumulation: greedy tokens equal and logprobs close."""
-    from pagedjax import LLM, SamplingParams
-
-    kw = dict(dtype="bfloat16", num_kv_pages=96, max_num_seqs=8, max_num_batched_tokens=64, warmup=False)
-    prompts = ["the quick brown fox", "paged attention over a pool", "a"]
-    sp = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=3)
-    runs = {}
-    for backend in ("xla", "cpu"):
-        llm = LLM(model_dir(variant), matmul_backend=backend, **kw)
-        assert llm.llm_engine.runner.matmul_backend == backend
-        layers = llm.llm_engine.runner.params["layers"]
-        assert isinstance(layers["wqkv"], amx.AmxPackedWeight) == (backend == "cpu")
-        if backend == "cpu":  # the MLP's activation runs inside the kernel
-            assert layers["w_gate_up"].swiglu
-        runs[backend] = llm.generate(prompts, sp, use_tqdm=False)
-    for a, b in zip(runs["xla"], runs["cpu"], strict=True):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
-            for t in la.keys() & lb.keys():
-                assert abs(la[t] - lb[t]) < 2e-3
 
 
 def test_bench_matmul_script_runs_bf16(capsys, monkeypatch):
