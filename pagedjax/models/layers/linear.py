@@ -140,7 +140,7 @@ def pack_params(params: dict) -> dict:
     """A copy of `params` with every projection packed for the "cpu" matmul backend (the kernel
     follows the weights' dtype: float32 -> AVX-512 panels, bfloat16 -> AMX tiles)."""
     bf16 = params["layers"]["wqkv"].dtype == jnp.bfloat16
-    pack = pack_weight_bf16 if bf16 else (lambda w: pack_weight(jnp.asarray(w, jnp.float32)))
+    pack = pack_weight_bf16 if bf16 else pack_weight  # both cast to their dtype
     out = dict(params)
     out["layers"] = dict(params["layers"])
     for key in PACKED_LAYER_WEIGHTS:
