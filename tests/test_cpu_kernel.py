@@ -349,6 +349,36 @@ def test_fused_kv_write_equals_write_then_attend(case: Case):
     assert not np.any(got_out[padding])
 
 
+def test_fused_kv_write_bf16_rounding_of_special_values():
+    """The vectorised float32 -> bfloat16 row conversion rounds like XLA's convert: ties to even,
+    NaN stays NaN, infinities, signed zeros, subnormals and values that round up to infinity."""
+    case = next(c for c in CASES if c.bf16)
+    q, k32, v32, meta, padding = build_step(case, edge_plans(case)[2], 7)
+    k_new, v_new, pages, offsets = _new_rows(case, padding, 8)
+    special = np.array(
+        [np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-40, -1e-40, 3.4e38, -3.4e38, 1.00390625, 1.01171875],
+        np.float32,
+    )
+    # NaNs whose low mantissa bits would carry into the exponent (or sign) under plain rounding
+    carry = np.array([0x7FFFFFFF, 0x7F800001, 0xFF80FFFF], np.uint32).view(np.float32)
+    special = np.concatenate([special, carry])
+    k_new[0, 0, : special.size] = special
+    k_new[0, 0, special.size : 2 * special.size] = special * np.float32(0.5)
+    v_new[1, 0, : special.size] = special[::-1]
+    fused = jax.jit(
+        lambda k, v: cpu_kernel.paged_attention_with_kv_write(
+            q, k, v, LAYER, meta, k_new, v_new, pages, offsets, scale=case.Dh**-0.5
+        )
+    )
+    _, got_k, got_v = fused(storage(k32, case), storage(v32, case))
+    want_k, want_v = jax.jit(lambda k, v: write_kv(k, v, LAYER, k_new, v_new, pages, offsets))(
+        storage(k32, case), storage(v32, case)
+    )
+    bits = lambda x: np.asarray(jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x)
+    np.testing.assert_array_equal(bits(got_k), bits(want_k))
+    np.testing.assert_array_equal(bits(got_v), bits(want_v))
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_fused_kv_write_inside_scan(bf16):
     """As the model runs it: pools in the scan carry, layer index traced; layer i writes layer i."""

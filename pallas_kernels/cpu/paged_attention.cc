@@ -714,7 +714,8 @@ bool try_run_item_gemm(const Problem& pb, const Item& it, Scratch& s) {
 // used by all M heads. This is the decode path: memory-bound, so loads are what it minimises.
 template <int M, int NC, int MODE>
 void run_row(const Problem& pb, const Item& it) {
-  const int Dh = pb.Dh, H = pb.H;
+  constexpr int Dh = 16 * NC;  // try_run_row guarantees it
+  const int H = pb.H;
   const int pos = it.pos0;
   const int hi = std::min<int64_t>(std::min(it.ctx, pos + 1), int64_t(it.table_len) * pb.page);
   const int lo = pb.window > 0 ? std::max(0, pos - pb.window + 1) : 0;
@@ -724,12 +725,24 @@ void run_row(const Problem& pb, const Item& it) {
     std::memset(dst, 0, sizeof(float) * M * Dh);
     return;
   }
-  alignas(64) float qtmp[M][NC * 16];
-  for (int m = 0; m < M; ++m)
-    for (int d = 0; d < Dh; ++d) qtmp[m][MODE == kRowBF16 ? permuted(d) : d] = qsrc[size_t(m) * Dh + d] * pb.scale;
+  // Queries pre-scaled, in the rows' chunk order (kRowBF16: even / odd elements of each 32 values).
   __m512 q[M][NC], acc[M][NC];
-  for (int m = 0; m < M; ++m)
-    for (int c = 0; c < NC; ++c) q[m][c] = _mm512_load_ps(&qtmp[m][16 * c]), acc[m][c] = _mm512_setzero_ps();
+  const __m512 scale = _mm512_set1_ps(pb.scale);
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int m = 0; m < M; ++m) {
+    const float* qm = qsrc + size_t(m) * Dh;
+    for (int c = 0; c < NC; ++c) acc[m][c] = _mm512_setzero_ps();
+    if constexpr (MODE == kRowBF16) {
+      for (int c = 0; c < NC; c += 2) {
+        const __m512 a = _mm512_loadu_ps(qm + 16 * c), b = _mm512_loadu_ps(qm + 16 * c + 16);
+        q[m][c] = _mm512_mul_ps(_mm512_permutex2var_ps(a, even, b), scale);
+        q[m][c + 1] = _mm512_mul_ps(_mm512_permutex2var_ps(a, odd, b), scale);
+      }
+    } else {
+      for (int c = 0; c < NC; ++c) q[m][c] = _mm512_mul_ps(_mm512_loadu_ps(qm + 16 * c), scale);
+    }
+  }
   float mrow[M], lrow[M];
   for (int m = 0; m < M; ++m) mrow[m] = kNegInf, lrow[m] = 0.f;
   alignas(64) float zero[NC * 16] = {};
@@ -793,10 +806,20 @@ void run_row(const Problem& pb, const Item& it) {
       }
     }
   }
+  const __m512i lo_half = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi_half = _mm512_add_epi32(lo_half, _mm512_set1_epi32(8));
   for (int m = 0; m < M; ++m) {
     const __m512 inv = _mm512_set1_ps(lrow[m] > 0.f ? 1.f / lrow[m] : 0.f);
-    for (int c = 0; c < NC; ++c) _mm512_store_ps(&qtmp[m][16 * c], _mm512_mul_ps(acc[m][c], inv));
-    for (int d = 0; d < Dh; ++d) dst[size_t(m) * Dh + d] = qtmp[m][MODE == kRowBF16 ? permuted(d) : d];
+    float* om = dst + size_t(m) * Dh;
+    if constexpr (MODE == kRowBF16) {
+      for (int c = 0; c < NC; c += 2) {  // re-interleave the even / odd chunks
+        const __m512 e = _mm512_mul_ps(acc[m][c], inv), o = _mm512_mul_ps(acc[m][c + 1], inv);
+        _mm512_storeu_ps(om + 16 * c, _mm512_permutex2var_ps(e, lo_half, o));
+        _mm512_storeu_ps(om + 16 * c + 16, _mm512_permutex2var_ps(e, hi_half, o));
+      }
+    } else {
+      for (int c = 0; c < NC; ++c) _mm512_storeu_ps(om + 16 * c, _mm512_mul_ps(acc[m][c], inv));
+    }
   }
 }
 
@@ -1004,12 +1027,34 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   return ffi::Error::Success();
 }
 
-// float32 -> bfloat16 bits, round to nearest even (what XLA's convert does; NaN stays NaN).
+// float32 -> bfloat16 bits, round to nearest even, NaN -> the sign and the canonical quiet NaN
+// (what XLA's convert does).
 inline uint16_t to_bf16_bits(float f) {
   uint32_t b;
   std::memcpy(&b, &f, 4);
-  if ((b & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((b >> 16) | 0x40u);
+  if ((b & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>(((b >> 16) & 0x8000u) | 0x7fc0u);
   return static_cast<uint16_t>((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+// A row of n floats -> bfloat16 bits, the same rounding as to_bf16_bits, 16 values per step (the
+// scalar loop was ~4% of a short-context decode step: every new K/V row of every layer goes here).
+inline void row_to_bf16_bits(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+#if PJ_AVX512
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
+  const __m512i bias = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
+  const __m512i sign = _mm512_set1_epi32(0x8000), qnan = _mm512_set1_epi32(0x7fc0);
+  for (; i < n; i += 16) {
+    const __mmask16 mk = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    const __m512i b = _mm512_castps_si512(_mm512_maskz_loadu_ps(mk, src + i));
+    const __m512i hi = _mm512_srli_epi32(b, 16);
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, bias), _mm512_and_si512(hi, one)), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, abs_mask), inf);
+    const __m512i bits = _mm512_mask_or_epi32(rounded, nan, _mm512_and_si512(hi, sign), qnan);
+    _mm256_mask_storeu_epi16(dst + i, mk, _mm512_cvtepi32_epi16(bits));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = to_bf16_bits(src[i]);
 }
 
 // The fused variant: first write this step's K/V rows ([T, KV, Dh] f32) into their pool slots
@@ -1054,8 +1099,7 @@ ffi::Error PagedAttentionWriteImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q
         const int64_t off = (((layer * KV + h) * P + sp[t]) * page + so[t]) * Dh;
         const float* row = src + (t * KV + h) * Dh;
         if (bf16) {
-          uint16_t* d = static_cast<uint16_t*>(dst_base) + off;
-          for (int64_t i = 0; i < Dh; ++i) d[i] = to_bf16_bits(row[i]);
+          row_to_bf16_bits(row, static_cast<uint16_t*>(dst_base) + off, Dh);
         } else {
           std::memcpy(static_cast<float*>(dst_base) + off, row, sizeof(float) * Dh);
         }
