@@ -10,7 +10,9 @@ compares like with like. The "cpu" column (on CPU, when it builds) is the compil
 (pallas_kernels/cpu/), the "auto" backend on CPU, with its speed-ups over the chunked and
 gather-everything XLA versions measured in the same run. On a GPU the table also gives the kernel's
 achieved bandwidth (unique KV bytes read / time) against the device's: the spec peak where the device
-kind is known, and a measured device-to-device copy.
+kind is known, and a measured device-to-device copy; on CPU the cpu column's bandwidth is put
+against a read bandwidth measured in the same run (a jitted sum over 1 GiB), the ceiling of a decode
+step's streaming read of the pool.
 
     python experiments/bench_attention.py                 # the issue's decode shape and two others
     python experiments/bench_attention.py --dtype bfloat16 --repeats 5 --output-json attn.json
@@ -66,6 +68,17 @@ def copy_bandwidth_gb_s(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     x = jnp.zeros(nbytes // 4, jnp.float32)
     f = jax.jit(lambda a: a + 1.0)
     return 2 * nbytes / time_fn(f, (x,), repeats) / 1e9
+
+
+def read_bandwidth_gb_s(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Memory read bandwidth as a jitted sum over `nbytes` sees it (XLA spreads it over all cores).
+
+    The CPU kernel's decode attention is a streaming read of the pool, so this is its ceiling; on a
+    shared VM it moves from run to run (8-19 GB/s on the 2-core development VM in one evening), hence
+    measured in the same run.
+    """
+    x = jnp.ones(nbytes // 4, jnp.float32)
+    return nbytes / time_fn(jax.jit(jnp.sum), (x,), repeats) / 1e9
 
 
 @dataclass
@@ -195,12 +208,16 @@ def main() -> int:
         f"page {args.page_size}  KV {args.dtype}"
     )
     peak = copy_bw = None
+    read_bw = None
     if not on_cpu:
         peak, copy_bw = peak_bandwidth_gb_s(kind), copy_bandwidth_gb_s()
         print(f"memory bandwidth: spec {peak or '?'} GB/s, measured copy {copy_bw:.0f} GB/s")
+    elif use_cpu:
+        read_bw = read_bandwidth_gb_s()
+        print(f"memory bandwidth: measured read (jitted sum over 1 GiB) {read_bw:.1f} GB/s")
     head = "| shape | xla chunked (default) ms | xla gather-all ms | speed-up | chunked GB/s of KV read |"
     if use_cpu:
-        head += " cpu kernel ms | vs chunked | vs gather-all | cpu GB/s of KV read |"
+        head += " cpu kernel ms | vs chunked | vs gather-all | cpu GB/s of KV read | % of read bw |"
     if use_pallas:
         head += " pallas (interpret) ms |" if on_cpu else " pallas ms | pallas GB/s | % of spec | % of copy |"
     print(head)
@@ -223,7 +240,7 @@ def main() -> int:
             t_cpu = time_fn(cpu, (q, kc, vc, meta), args.repeats)
             extra += (
                 f" {t_cpu * 1e3:.1f} | {t_chunk / t_cpu:.1f}x | {t_all / t_cpu:.1f}x | "
-                f"{kv_bytes / t_cpu / 1e9:.1f} |"
+                f"{kv_bytes / t_cpu / 1e9:.1f} | {100 * kv_bytes / t_cpu / 1e9 / read_bw:.0f}% |"
             )
         if use_pallas:
             c = pallas(q, kc, vc, meta)
@@ -251,6 +268,8 @@ def main() -> int:
                 cpu_vs_chunked=t_chunk / t_cpu,
                 cpu_vs_gather_all=t_all / t_cpu,
                 cpu_kv_gb_per_s=kv_bytes / t_cpu / 1e9,
+                cpu_pct_of_read_bandwidth=100 * kv_bytes / t_cpu / 1e9 / read_bw,
+                read_bandwidth_gb_per_s=read_bw,
             )
         if use_pallas:
             rows[-1].update(pallas_ms=t_pal * 1e3, pallas_interpret=on_cpu, pallas_kv_gb_per_s=pal_gb_s)

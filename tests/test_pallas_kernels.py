@@ -345,3 +345,7 @@ def test_bench_attention_smoke(tmp_path):
     for row in rows:
         assert row["chunked_ms"] > 0 and row["gather_all_ms"] > 0
         assert row["max_abs_diff"] < 1e-4, row
+        if "cpu_ms" in row:  # the CPU kernel's bandwidth against the read bandwidth of the same run
+            assert row["read_bandwidth_gb_per_s"] > 0
+            want = 100 * row["cpu_kv_gb_per_s"] / row["read_bandwidth_gb_per_s"]
+            assert abs(row["cpu_pct_of_read_bandwidth"] - want) < 1e-6 * max(1.0, want), row
