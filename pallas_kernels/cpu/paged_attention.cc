@@ -60,6 +60,9 @@ constexpr int BK = 16;
 #ifndef PJ_GEMM_MIN_M
 #define PJ_GEMM_MIN_M 8  // fewer query vectors per item: the dot-product block kernel
 #endif
+#ifndef PJ_PREFETCH_NEXT_ITEM
+#define PJ_PREFETCH_NEXT_ITEM 1  // the decode kernel prefetches the next item's first key block
+#endif
 #ifndef PJ_PREFETCH_HINT
 #define PJ_PREFETCH_HINT 3
 #endif  // keys per block (one 16-lane score vector per query vector)
@@ -271,8 +274,35 @@ inline void block_pv(float* acc, const float* p, const void* const* vrow, int n,
 }
 #endif  // PJ_AVX512
 
+// The item this thread runs after the current one (set by WorkState::work), or null: its first key
+// block is prefetched while the current item's last block is computed, so a decode row does not
+// start with a cold miss on every page row (short contexts are a handful of blocks).
+thread_local const Item* tl_next_item = nullptr;
+
+// Prefetches the K/V rows of the first key block item `it` reads (the positions run_row / run_item
+// start from).
+void prefetch_first_block(const Problem& pb, const Item& it) {
+  const int lo = pb.window > 0 ? std::max(0, it.pos0 - pb.window + 1) : 0;
+  const int hi = int(std::min<int64_t>(std::min(it.ctx, it.pos0 + it.nr), int64_t(it.table_len) * pb.page));
+  const int64_t elem_bytes = pb.kv_type == KvType::kF32 ? 4 : 2;
+  const int row_lines = int((pb.Dh * elem_bytes + 63) / 64);
+  const int64_t head_off = pb.head_base + int64_t(it.h) * pb.head_stride;
+  const char* kbase = static_cast<const char*>(pb.k);
+  const char* vbase = static_cast<const char*>(pb.v);
+  for (int kp = lo; kp < std::min(hi, lo + BK); ++kp) {
+    const int pi = kp / int(pb.page);
+    const int64_t pg = std::min<int64_t>(std::max<int64_t>(it.table[pi], 0), pb.P - 1);
+    const int64_t off = (head_off + pg * pb.page * pb.Dh + int64_t(kp - pi * int(pb.page)) * pb.Dh) * elem_bytes;
+    for (int c = 0; c < row_lines; ++c) {
+      __builtin_prefetch(kbase + off + 64 * c, 0, PJ_PREFETCH_HINT);
+      __builtin_prefetch(vbase + off + 64 * c, 0, PJ_PREFETCH_HINT);
+    }
+  }
+}
+
 // Walks an item's keys in blocks of BK positions: pool row offsets through the block table (one
-// division per block) and software prefetch of the rows PF blocks ahead of their use.
+// division per block) and software prefetch of the rows PF blocks ahead of their use (and, past
+// the item's last block, of the next item's first block).
 struct KvWalker {
   static constexpr int PF = PJ_PREFETCH_BLOCKS;
   const Problem& pb;
@@ -317,7 +347,11 @@ struct KvWalker {
   }
   // Offsets of block number blk (starting at kb); prefetches block blk + PF.
   const int64_t* block(int kb, int blk) {
-    if (kb + PF * BK < hi) fill(kb + PF * BK, ring[(blk + PF) % (PF + 1)]);
+    if (kb + PF * BK < hi) {
+      fill(kb + PF * BK, ring[(blk + PF) % (PF + 1)]);
+    } else if (PJ_PREFETCH_NEXT_ITEM && PF > 0 && prefetch && kb + (PF - 1) * BK < hi && tl_next_item != nullptr) {
+      prefetch_first_block(pb, *tl_next_item);  // once: at the first block past the item's end
+    }
     return ring[blk % (PF + 1)];
   }
 };
@@ -893,15 +927,19 @@ struct WorkState {
 
   void work() {
     const int n = int(items.size());
-    for (;;) {
-      const int i = next.fetch_add(1, std::memory_order_relaxed);
-      if (i >= n) return;
+    // Claim one item ahead, so the current item can prefetch the start of the next (tl_next_item).
+    int i = next.fetch_add(1, std::memory_order_relaxed);
+    while (i < n) {
+      const int following = next.fetch_add(1, std::memory_order_relaxed);
+      tl_next_item = following < n ? &items[following] : nullptr;
       run_item_dispatch(*pb, items[i]);
       if (done.fetch_add(1, std::memory_order_acq_rel) + 1 == n) {
         std::lock_guard<std::mutex> lock(mu);
         cv.notify_all();
       }
+      i = following;
     }
+    tl_next_item = nullptr;
   }
 };
 
