@@ -777,7 +777,8 @@ void run_row(const Problem& pb, const Item& it) {
       for (int c = 0; c < NC; ++c) q[m][c] = _mm512_mul_ps(_mm512_loadu_ps(qm + 16 * c), scale);
     }
   }
-  float mrow[M], lrow[M];
+  float mrow[M], lrow[M], mnew[M];
+  alignas(64) float mdiff[16] = {}, alpha[16];  // lanes >= M stay 0
   for (int m = 0; m < M; ++m) mrow[m] = kNegInf, lrow[m] = 0.f;
   alignas(64) float zero[NC * 16] = {};
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -814,19 +815,27 @@ void run_row(const Problem& pb, const Item& it) {
     const __mmask16 valid = _mm512_cmplt_epi32_mask(kv, _mm512_set1_epi32(hi)) &
                             _mm512_cmpge_epi32_mask(kv, _mm512_set1_epi32(lo));
     alignas(64) float p[M][BK];
+    __m512 sv[M];
     for (int m = 0; m < M; ++m) {
-      __m512 sv = hsum16x16(part[m]);
+      sv[m] = hsum16x16(part[m]);
       if (pb.soft_cap > 0.f) {
         alignas(64) float tmp[BK];
-        _mm512_store_ps(tmp, sv);
+        _mm512_store_ps(tmp, sv[m]);
         for (int t = 0; t < BK; ++t) tmp[t] = pb.soft_cap * std::tanh(tmp[t] / pb.soft_cap);
-        sv = _mm512_load_ps(tmp);
+        sv[m] = _mm512_load_ps(tmp);
       }
-      const float m_new = std::max(mrow[m], _mm512_mask_reduce_max_ps(valid, sv));
-      const float a = std::exp(mrow[m] - m_new);  // 0 when mrow was -inf
-      const __m512 pv = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(m_new))));
+      mnew[m] = std::max(mrow[m], _mm512_mask_reduce_max_ps(valid, sv[m]));
+      mdiff[m] = mrow[m] - mnew[m];
+    }
+    // Rescale factors of all M heads in one vector exp: exp(old max - new max), 0 where the old
+    // max was -inf (nothing accumulated yet).
+    const __m512 dv = _mm512_load_ps(mdiff);
+    _mm512_store_ps(alpha, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(dv, _mm512_set1_ps(kNegInf), _CMP_NEQ_OQ), exp512(dv)));
+    for (int m = 0; m < M; ++m) {
+      const float a = alpha[m];
+      const __m512 pv = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(sv[m], _mm512_set1_ps(mnew[m]))));
       lrow[m] = lrow[m] * a + _mm512_reduce_add_ps(pv);
-      mrow[m] = m_new;
+      mrow[m] = mnew[m];
       _mm512_store_ps(p[m], pv);
       const __m512 av = _mm512_set1_ps(a);
       for (int c = 0; c < NC; ++c) acc[m][c] = _mm512_mul_ps(acc[m][c], av);
