@@ -799,16 +799,10 @@ void run_row(const Problem& pb, const Item& it) {
     for (int t = 0; t < BK; ++t) {
       __m512 kc[NC];
       for (int c = 0; c < NC; ++c) kc[c] = ld_chunk<MODE>(krow[t], c);
-      for (int m = 0; m < M; ++m) {
+      for (int m = 0; m < M; ++m) {  // one FMA chain per (head, key): 16 x M chains overlap
         __m512 s0 = _mm512_mul_ps(q[m][0], kc[0]);
-        __m512 s1 = NC > 1 ? _mm512_mul_ps(q[m][1], kc[1]) : _mm512_setzero_ps();
-        for (int c = 2; c < NC; ++c) {
-          if (c & 1)
-            s1 = _mm512_fmadd_ps(q[m][c], kc[c], s1);
-          else
-            s0 = _mm512_fmadd_ps(q[m][c], kc[c], s0);
-        }
-        part[m][t] = _mm512_add_ps(s0, s1);
+        for (int c = 1; c < NC; ++c) s0 = _mm512_fmadd_ps(q[m][c], kc[c], s0);
+        part[m][t] = s0;
       }
     }
     const __m512i kv = _mm512_add_epi32(_mm512_set1_epi32(kb), iota);
