@@ -5,8 +5,9 @@ in float32): row counts around the 16-row tile, the 32-row tile pair and the 128
 column counts around the 16-column panel and the panel pair, K not a multiple of 32 (padded);
 `valid_rows` leaving padding rows zero; stacked per-layer weights read in place with a traced layer
 index under lax.scan; the pack/unpack round trip; the fused SwiGLU output. (pack_params and the
-engine's bf16 tokens with this kernel vs XLA's dot: tests/test_cpu_matmul.py.) Skipped where the
-CPU or OS has no AMX.
+engine's bf16 tokens with this kernel vs XLA's dot: tests/test_cpu_matmul.py.) Both of the
+kernel's paths: AMX tiles, and AVX-512 BF16 dot products (forced on an AMX machine; the only path
+on e.g. AMD Zen 4). Skipped where the CPU has neither.
 """
 
 from __future__ import annotations
@@ -19,6 +20,19 @@ import pytest
 from pallas_kernels.cpu import amx_matmul as amx
 
 pytestmark = pytest.mark.skipif(not amx.is_available(), reason=f"unavailable: {amx.unavailable_reason()}")
+
+# Where AMX runs, every test also runs on the AVX-512 BF16 path (forced), so both paths are checked
+# on an AMX machine; elsewhere the one path there is.
+_PATHS = ["default", *(["avx512_bf16"] if amx.is_available() and amx.kernel_name() == "amx" else [])]
+
+
+@pytest.fixture(autouse=True, params=_PATHS)
+def kernel_path(request):
+    if request.param != "default":
+        amx.force_dot_path(True)
+    yield request.param
+    if request.param != "default":
+        amx.force_dot_path(False)
 
 
 def _bf16(rng, *shape) -> np.ndarray:

@@ -531,18 +531,35 @@ class LLMEngine:
 
 
 def default_dtype() -> str:
-    """bfloat16 where it is fast (accelerators; CPUs with AMX, where XLA's bf16 x bf16 -> f32 dots run
-    several times faster than float32), else float32 (on AVX-512 CPUs without AMX, bf16 dots measured
-    slower than float32)."""
+    """bfloat16 where it is fast, else float32.
+
+    Fast: accelerators, and CPUs where the packed bf16 matmul kernel (pallas_kernels.cpu.amx_matmul)
+    beats the float32 one: with AMX tiles (several times the float32 rate), or with AVX-512 BF16 dot
+    products on AMD Zen 4 (measured 1.9-2.2x the float32 kernel at 64-1,024 rows). Not on Intel CPUs
+    with AVX-512 BF16 but no AMX: their VDPBF16PS measured at half the float32 FMA rate (README,
+    2026-11-22). Without the kernel, XLA's own bf16 dot measured slower than float32 on every CPU
+    tried here (it re-packs the weight on every call)."""
     import jax
 
     if jax.devices()[0].platform != "cpu":
         return "bfloat16"
+    from pallas_kernels.cpu import amx_matmul
+
+    kernel = amx_matmul.kernel_name()
+    if kernel == "amx" or (kernel == "avx512_bf16" and _cpu_vendor() == "AuthenticAMD"):
+        return "bfloat16"
+    return "float32"
+
+
+def _cpu_vendor() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            return "bfloat16" if "amx_bf16" in f.read() else "float32"
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
-        return "float32"
+        pass
+    return ""
 
 
 def enable_compilation_cache(path: str | None) -> None:

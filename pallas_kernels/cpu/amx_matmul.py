@@ -1,13 +1,18 @@
-"""bfloat16 `x @ w` (float32 accumulation) on Intel AMX over a weight packed once (C++, amx_matmul.cc).
+"""bfloat16 `x @ w` (float32 accumulation) over a weight packed once (C++, amx_matmul.cc): on Intel
+AMX tiles, or with AVX-512 BF16 dot products on CPUs without AMX (AMD Zen 4, some Xeons).
 
 Why: on CPUs with AMX, bf16 tile multiplies are ~16x the float32 FMA rate per core, but XLA:CPU's
 bf16 dot re-packs the weight on every call and stays far from that at decode-sized row counts
 (measured on this project's shapes: 70-300 GFLOP/s at 8-64 rows). Packing the weight once into the
 tiles' pair layout and keeping 2 x 2 accumulator tiles busy is what `matmul_backend="cpu"` runs for
-bfloat16 weights.
+bfloat16 weights. Without AMX, VDPBF16PS takes the same pair layout (16 pairs per 64-byte panel row)
+and doubles the float32 FMA rate while halving the weight bytes; there XLA's bf16 dot has no such
+instruction path and measured slower than float32.
 
 Built and cached like the other CPU kernels (`pallas_kernels.cpu`); `PAGEDJAX_CPU_AMX=0` disables
-it; it is unavailable (and "auto" stays on XLA's dot) where the CPU or OS has no AMX. Usage::
+it; `PAGEDJAX_CPU_BF16_MATMUL=avx512` (or `force_dot_path(True)`) takes the AVX-512 BF16 path even
+where AMX works; `kernel_name()` says which path runs. It is unavailable (and "auto" stays on XLA's
+dot) where the CPU has neither. Usage::
 
     pw = pack_weight_bf16(w)       # w: [..., K, N] -> AmxPackedWeight (bf16 [..., NB, Kp / 2, 32])
     y = amx_matmul(x, pw)          # x: [M, K] (cast to bf16) -> f32 [M, N]
@@ -19,6 +24,7 @@ it; it is unavailable (and "auto" stays on XLA's dot) where the CPU or OS has no
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,12 +117,31 @@ def unpack_weight_bf16(pw: AmxPackedWeight) -> jax.Array:
     return w
 
 
+KERNEL_NAMES = {2: "amx", 1: "avx512_bf16"}
+
+
 def _load_checked():
     lib = _cpu.load(FLAGS, TARGET, source=SOURCE, symbol=SYMBOL)
     jax.ffi.register_ffi_target(SWIGLU_TARGET, jax.ffi.pycapsule(getattr(lib, SWIGLU_SYMBOL)), platform="cpu")
-    if not lib.pagedjax_cpu_amx_available():
-        raise RuntimeError("no AMX here (CPU without amx_bf16/amx_tile, or the OS refused the tile state)")
+    if os.environ.get("PAGEDJAX_CPU_BF16_MATMUL", "auto") == "avx512":
+        lib.pagedjax_cpu_bf16_matmul_force_dot(1)
+    if not lib.pagedjax_cpu_bf16_matmul_kernel():
+        raise RuntimeError("this CPU has neither AMX (amx_bf16, amx_tile, OS permission) nor AVX-512 BF16")
     return lib
+
+
+def kernel_name() -> str | None:
+    """The path calls take now: "amx" or "avx512_bf16" (None: the kernel is unavailable)."""
+    if not is_available():
+        return None
+    return KERNEL_NAMES[_state["lib"].pagedjax_cpu_bf16_matmul_kernel()]
+
+
+def force_dot_path(force: bool) -> None:
+    """Take the AVX-512 BF16 path even where AMX works (tests of both paths, A/B runs); a compiled
+    program picks the path at each call, so this applies to the next call."""
+    _ensure_loaded()
+    _state["lib"].pagedjax_cpu_bf16_matmul_force_dot(int(force))
 
 
 def _ensure_loaded() -> None:
@@ -124,7 +149,7 @@ def _ensure_loaded() -> None:
 
 
 def is_available() -> bool:
-    """True when the kernel builds (or is cached), loads, and this CPU and OS run AMX."""
+    """True when the kernel builds (or is cached), loads, and this CPU runs AMX or AVX-512 BF16."""
     try:
         _ensure_loaded()
         return True
@@ -171,7 +196,9 @@ def amx_matmul(
 __all__ = [
     "AmxPackedWeight",
     "amx_matmul",
+    "force_dot_path",
     "is_available",
+    "kernel_name",
     "pack_weight_bf16",
     "swiglu_packable",
     "unavailable_reason",
