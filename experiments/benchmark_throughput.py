@@ -852,7 +852,7 @@ def parse_args(argv=None):
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16"],
-        help="pagedjax (and vllm) dtype; auto = pagedjax default here (bf16 with AMX or on AMD Zen 4, else float32)",
+        help="pagedjax (and vllm) dtype; auto = pagedjax default (bf16 with AMX or on Zen 4, else float32)",
     )
     g.add_argument(
         "--attention-backend",

@@ -107,7 +107,7 @@ class CacheConfig:
 class SchedulerConfig:
     """Continuous-batching limits for one engine step."""
 
-    max_num_seqs: int = 64
+    max_num_seqs: int = 256
     max_num_batched_tokens: int = 1024
     max_model_len: int = 2048
     # Most prefill sequences packed into one step (bounds the sampler's row count per step).

@@ -44,7 +44,7 @@ class LLM:
         gpu_memory_utilization: float = 0.85,
         num_kv_pages: int | None = None,
         enable_prefix_caching: bool = True,
-        max_num_seqs: int = 64,
+        max_num_seqs: int = 256,
         max_num_batched_tokens: int = 1024,
         max_model_len: int | None = None,
         seed: int = 0,

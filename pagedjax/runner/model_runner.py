@@ -24,6 +24,7 @@ from pagedjax.models.llama import StepInputs
 from pagedjax.models.params import resolve_dtype
 from pagedjax.models.registry import get_forward
 from pagedjax.runner.buckets import BucketPolicy, StepShape
+from pagedjax.runner.host_malloc import tune_host_malloc
 from pagedjax.runner.kv_cache import allocate_kv_cache, num_pages_for
 from pagedjax.sampling.metadata import SamplingRow, build_sampling_tensors
 from pagedjax.sampling.sampler import compute_logprobs, sample
@@ -73,6 +74,8 @@ class ModelRunner:
         matmul_backend: str = "auto",
     ):
         self.config = config
+        if jax.default_backend() == "cpu":
+            tune_host_malloc()  # reuse step buffers above 32 MiB instead of faulting them in anew
         self.matmul_backend = resolve_matmul_backend(matmul_backend, params)
         self.params = pack_params(params) if self.matmul_backend == "cpu" else params
         self.block_size = cache.block_size
