@@ -548,6 +548,34 @@ def test_page_pool_allocate_share_release():
     pool.check_invariants()
 
 
+def test_page_pool_places_sequences_in_contiguous_runs():
+    pool = PagePool(64)
+    a = pool.allocate(3)
+    assert a == [0, 1, 2], "the first run starts the pool"
+    b = pool.allocate(2)
+    assert b == [33, 34], "a new run starts in the middle of the longest free run"
+    assert pool.allocate(2, after=a[-1]) == [3, 4], "a sequence grows right after its last page"
+    assert pool.allocate(1, after=b[-1]) == [35]
+    c = pool.allocate(1)
+    assert c == [5 + (33 - 5) // 2] or c == [36 + (64 - 36) // 2], "middle of a longest run"
+    # A run that hits another sequence's page jumps to a new run instead of failing.
+    d = pool.allocate(3, after=32)
+    assert d[0] not in a + b + c and len(set(d)) == 3
+    pool.check_invariants()
+
+
+def test_page_pool_keeps_cached_pages_while_uncached_ones_are_free():
+    pool = PagePool(4)
+    p, q = pool.allocate(2)
+    pool.cache_page(p, b"prefix")
+    pool.release([p, q])
+    got = pool.allocate(3)
+    assert sorted(got) == [1, 2, 3] and pool.lookup(b"prefix") == p and pool.num_evictions == 0
+    (last,) = pool.allocate(1)
+    assert last == p and pool.lookup(b"prefix") is None and pool.num_evictions == 1
+    pool.check_invariants()
+
+
 def test_page_pool_errors():
     with pytest.raises(ValueError):
         PagePool(0)

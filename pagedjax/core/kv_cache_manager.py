@@ -142,12 +142,12 @@ class KVCacheManager:
             self.block_tables[seq_id] = table
             self._filled.setdefault(seq_id, 0)
         for i in shared:  # copy-on-write
-            (new,) = self.pool.allocate(1)
+            (new,) = self.pool.allocate(1, after=table[i - 1] if i > 0 else None)
             self.pending_copies.append((table[i], new))
             self.pool.release([table[i]])
             table[i] = new
         if extra > 0:
-            table.extend(self.pool.allocate(extra))
+            table.extend(self.pool.allocate(extra, after=table[-1] if table else None))
         if write_from is not None:
             for p in table[write_from // self.block_size :]:
                 assert self.pool.ref_counts[p] == 1 and not self.pool.is_cached(p), (

@@ -7,12 +7,22 @@ which page ids are in use. Reference counts let several sequences point at one p
 Prefix caching: a *full* page can carry a content key (a hash chained over all tokens up to and
 including the page, see kv_cache_manager.py). Keyed pages stay findable after their count drops to 0:
 they sit on the free list with their contents intact and are reused by a later request with the same
-prefix (`touch`), or evicted — least recently freed first — only when `allocate` needs the page.
+prefix (`touch`), or evicted — least recently freed first — only when `allocate` finds no free page
+without a cached prefix.
+
+Placement: `allocate(n, after=p)` extends a sequence's pages with p + 1, p + 2, ... while those are
+free and hold no cached prefix, and otherwise starts a new run in the middle of the longest run of
+such pages (binary splitting, so that the runs already placed can keep growing). A sequence's K/V of
+one layer and head then lie in a few long contiguous stretches of the pool instead of 2 KiB pieces
+scattered over it, which the CPU's hardware prefetchers stream much faster: the decode attention is
+a read of every context token's K/V in every step (measured: see README, "Measured 2026-12-03").
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+
+import numpy as np
 
 
 class OutOfPagesError(RuntimeError):
@@ -31,6 +41,8 @@ class PagePool:
         self.page_key: list[bytes | None] = [None] * num_pages
         self._cached: dict[bytes, int] = {}  # content key -> page
         self.num_evictions = 0
+        # plain[p]: free and holding no cached prefix (placement takes these before evicting).
+        self._plain = np.ones(num_pages, dtype=bool)
 
     @property
     def num_free(self) -> int:
@@ -46,21 +58,45 @@ class PagePool:
         """Pages that hold a findable prefix (in use or free)."""
         return len(self._cached)
 
-    def allocate(self, n: int) -> list[int]:
-        """Take `n` free pages, each with reference count 1, evicting cached contents. All or nothing."""
+    def allocate(self, n: int, after: int | None = None) -> list[int]:
+        """Take `n` free pages, each with reference count 1. All or nothing.
+
+        Pages come in runs: after `after` (the sequence's last page) where possible, else from the
+        middle of the longest run of free uncached pages; a cached free page is evicted (least
+        recently freed first) only when no uncached one is left."""
         if n > len(self._free):
             raise OutOfPagesError(f"asked for {n} pages, {len(self._free)} free")
         pages = []
+        nxt = None if after is None else after + 1
         for _ in range(n):
-            p, _ = self._free.popitem(last=False)
-            key = self.page_key[p]
-            if key is not None:
-                self.page_key[p] = None
-                del self._cached[key]
-                self.num_evictions += 1
-            self.ref_counts[p] = 1
+            if nxt is None or nxt >= self.num_pages or not self._plain[nxt]:
+                nxt = self._run_start()
+            p = nxt if nxt is not None else next(iter(self._free))
+            self._take(p)
             pages.append(p)
+            nxt = p + 1
         return pages
+
+    def _run_start(self) -> int | None:
+        """Where a new run of pages starts: the middle of the longest run of free uncached pages (its
+        first page when the run starts the pool), or None when there is no such page."""
+        edges = np.diff(np.concatenate(([0], self._plain.view(np.int8), [0])))
+        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        if len(starts) == 0:
+            return None
+        i = int(np.argmax(ends - starts))
+        s, e = int(starts[i]), int(ends[i])
+        return s if s == 0 else s + (e - s) // 2
+
+    def _take(self, p: int) -> None:
+        del self._free[p]
+        self._plain[p] = False
+        key = self.page_key[p]
+        if key is not None:
+            self.page_key[p] = None
+            del self._cached[key]
+            self.num_evictions += 1
+        self.ref_counts[p] = 1
 
     def share(self, pages: list[int]) -> None:
         """Add one reference to each page (another sequence now reads it)."""
@@ -87,6 +123,7 @@ class PagePool:
             self.ref_counts[p] -= 1
             if self.ref_counts[p] == 0:
                 self._free[p] = None
+                self._plain[p] = self.page_key[p] is None
 
     # ------------------------------------------------------------------------------ prefix cache
     def lookup(self, key: bytes) -> int | None:
@@ -109,6 +146,7 @@ class PagePool:
         n = len(self._cached)
         self._cached.clear()
         self.page_key = [None] * self.num_pages
+        self._plain = np.asarray(self.ref_counts) == 0
         return n
 
     def check_invariants(self) -> None:
@@ -120,3 +158,6 @@ class PagePool:
         for key, p in self._cached.items():
             assert self.page_key[p] == key, f"page {p}: cache map and page key disagree"
         assert sum(k is not None for k in self.page_key) == len(self._cached), "stray page keys"
+        for p in range(self.num_pages):
+            plain = self.ref_counts[p] == 0 and self.page_key[p] is None
+            assert bool(self._plain[p]) == plain, f"page {p}: plain flag {self._plain[p]}, expected {plain}"
