@@ -363,6 +363,30 @@ def test_filter_logits_candidate_fallback(flat):
         _check_filter(logits, params, got)
 
 
+def test_filter_logits_fallback_in_groups():
+    """More rows need the exact fallback than one group holds (FALLBACK_ROWS): every group's rows get
+    exact thresholds, rows on the fast path and padding rows are left alone."""
+    from pagedjax.sampling.sampler import FALLBACK_ROWS
+
+    rng = np.random.default_rng(7)
+    vocab, n = 600, 2 * FALLBACK_ROWS + 5
+    scales = rng.choice([0.05, 0.5, 4.0], size=(n + 3, 1))  # flat rows need the fallback for top-p
+    logits = (rng.normal(size=(n + 3, vocab)) * scales).astype(np.float32)
+    logits[2] = np.round(logits[2] * 4)  # ties
+    kinds = [
+        SamplingParams(top_p=0.9),
+        SamplingParams(top_k=200, temperature=0.8),
+        SamplingParams(top_k=30, top_p=0.95),
+        SamplingParams(top_p=0.5, min_p=0.02),
+        SamplingParams(temperature=0.0),
+        SamplingParams(top_k=3),
+    ]
+    params = [kinds[i % len(kinds)] for i in range(n)]
+    t, f = build_sampling_tensors(rows_for(params), n + 3)  # 3 padding rows
+    got = np.asarray(_filter(jnp.asarray(logits), t, f, num_candidates=16))
+    _check_filter(logits[:n], params, got[:n])
+
+
 def test_temperature_scaling_and_greedy_rows():
     logits = np.array([[1.0, 3.0, 3.0, -2.0]] * 3, np.float32)
     params = [SamplingParams(temperature=0.5), SamplingParams(temperature=0.0), SamplingParams(top_k=1)]

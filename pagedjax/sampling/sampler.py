@@ -49,6 +49,11 @@ __all__ = [
 
 # Number of per-row candidates (largest logits) used for the sort-free top-k/top-p fast path.
 TOP_CANDIDATES = 256
+# Rows per group of the exact top-k/top-p fallback: only the rows whose answer is not inside the
+# candidates are bisected, `FALLBACK_ROWS` at a time. (Bisecting the whole batch whenever one row
+# needed it cost ~280 ms per 256-row step on SmolLM2's 49k vocabulary at temperature 0.8 /
+# top_p 0.95, where ~4% of real rows need more than 256 candidates: nearly every step had one.)
+FALLBACK_ROWS = 8
 
 _NEG_INF = float("-inf")
 
@@ -321,21 +326,39 @@ def _top_k_top_p_thresholds(
 
     cut_fast, topp_fb = top_p_from_candidates(kth)
 
-    def fallback(_):
-        kth_b = lax.cond(
-            jnp.any(topk_fb),
-            lambda: _bisect_threshold(x, jnp.ones_like(x), jnp.where(topk_fb, k, 1).astype(jnp.float32)),
-            lambda: kth,
-        )
-        kth2 = jnp.where(topk_fb, kth_b, kth)
-        w = jnp.where(x >= kth2[:, None], jnp.exp(x - row_max[:, None]), 0.0)
-        w = w / jnp.sum(w, axis=-1, keepdims=True)
-        redo = topk_fb | topp_fb
-        cut_b = _bisect_threshold(x, w, jnp.where(redo & p_on, p, 0.0))
-        cut2 = jnp.where(redo & p_on, cut_b, jnp.where(p_on, cut_fast, _NEG_INF))
-        return kth2, cut2
+    redo = topk_fb | topp_fb
+    g = min(FALLBACK_ROWS, s)
 
-    kth, cut = lax.cond(jnp.any(topk_fb | topp_fb), fallback, lambda _: (kth, cut_fast), None)
+    def fallback_group(i, carry):
+        """Exact thresholds of the i-th group of `g` rows that need them (gathered, so the 2 x 32
+        bisection passes read g rows instead of the whole batch); padding slots are dropped."""
+        kth_c, cut_c = carry
+        rows = lax.dynamic_slice(order, (i * g,), (g,))
+        valid = rows < s
+        r = jnp.minimum(rows, s - 1)
+        xr, tk, pon = x[r], topk_fb[r] & valid, p_on[r] & valid
+        kth_r = lax.cond(
+            jnp.any(tk),
+            lambda: _bisect_threshold(xr, jnp.ones_like(xr), jnp.where(tk, k[r], 1).astype(jnp.float32)),
+            lambda: kth_c[r],
+        )
+        kth_r = jnp.where(tk, kth_r, kth_c[r])
+        w = jnp.where(xr >= kth_r[:, None], jnp.exp(xr - row_max[r][:, None]), 0.0)
+        w = w / jnp.sum(w, axis=-1, keepdims=True)
+        cut_r = lax.cond(
+            jnp.any(pon),
+            lambda: _bisect_threshold(xr, w, jnp.where(pon, p[r], 0.0)),
+            lambda: jnp.full((g,), _NEG_INF),
+        )
+        cut_r = jnp.where(pon, cut_r, _NEG_INF)
+        dst = jnp.where(valid, rows, s)  # out of range: dropped
+        return kth_c.at[dst].set(kth_r, mode="drop"), cut_c.at[dst].set(cut_r, mode="drop")
+
+    # Rows that need the exact fallback first (then s = none), padded to whole groups.
+    order = jnp.nonzero(redo, size=s, fill_value=s)[0].astype(jnp.int32)
+    order = jnp.pad(order, (0, -(-s // g) * g - s), constant_values=s)
+    n_groups = (jnp.sum(redo, dtype=jnp.int32) + g - 1) // g
+    kth, cut = lax.fori_loop(0, n_groups, fallback_group, (kth, cut_fast))
     return kth, cut, row_max
 
 
