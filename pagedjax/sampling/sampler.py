@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pagedjax.sampling_params import SAMPLING_EPS
+from pallas_kernels.cpu.top_k import top_k_values
 
 __all__ = [
     "TOP_CANDIDATES",
@@ -295,7 +296,7 @@ def _top_k_top_p_thresholds(
     """(top-k threshold, top-p threshold, row max); keep tokens with value >= both thresholds."""
     s, vocab = x.shape
     kc = max(1, min(num_candidates, vocab))
-    cand, _ = lax.top_k(x, kc)  # f32[S, kc], descending
+    cand = top_k_values(x, kc)  # f32[S, kc], descending (lax.top_k's values; a C++ kernel on CPU)
     # Keep XLA from folding the slices below into the top-k's sort: that defeats its TopK rewrite
     # and turns this into a full sort of the vocabulary (~50x slower on CPU).
     cand = lax.optimization_barrier(cand)
