@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pagedjax.sampling_params import SAMPLING_EPS
+from pallas_kernels.cpu import inverse_cdf as cpu_inverse_cdf
 from pallas_kernels.cpu.top_k import top_k_values
 
 __all__ = [
@@ -440,11 +441,23 @@ def sample(
     if flags.all_greedy:
         tokens = _first_argmax(processed)
     else:
-        x, thr, row_max = _filter(processed, t, flags, num_candidates)
         u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(row_keys(t.seeds, t.counters))
         # Greedy rows: u = 0 selects the first kept token, i.e. the first argmax.
         u = jnp.where(_is_greedy(t), 0.0, u)
-        tokens = _inverse_cdf(x, thr, row_max, u)
+        if cpu_inverse_cdf.is_available():  # a C++ kernel: a few passes per row, in its L2
+            greedy = _is_greedy(t)
+            if flags.do_top_k_top_p or flags.do_min_p:
+                # Thresholds compare exactly only with the x they came from (XLA may turn x / T into
+                # x * (1 / T)): hand the kernel that x, with T = 1.
+                x, thr, _ = _filter(processed, t, flags, num_candidates)
+                tokens = cpu_inverse_cdf.inverse_cdf(x, jnp.ones_like(thr), thr, u)
+            else:  # no threshold but greedy rows' maximum (NaN), which the kernel finds itself
+                thr = jnp.where(greedy, jnp.nan, _NEG_INF)
+                temp = jnp.where(greedy, 1.0, t.temperature.astype(jnp.float32))
+                tokens = cpu_inverse_cdf.inverse_cdf(processed, temp, thr, u)
+        else:
+            x, thr, row_max = _filter(processed, t, flags, num_candidates)
+            tokens = _inverse_cdf(x, thr, row_max, u)
     if flags.token_logprobs or flags.num_logprobs:
         tok_lp, topk_ids, topk_lp = compute_logprobs(logits, tokens, flags.num_logprobs)
     else:
