@@ -19,12 +19,8 @@
 // kept token, else its last token.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
-#include <memory>
-#include <mutex>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -36,7 +32,7 @@
 #define PJ_CDF_AVX512 0
 #endif
 
-#include "wait_done.h"
+#include "parallel_rows.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -123,26 +119,10 @@ int32_t draw_row(const float* logits, int64_t V, float T, float t, float u, std:
   return int32_t(V - 1);
 }
 
-struct Work {
-  const float *x, *temp, *thr, *u;
-  int32_t* out;
-  int64_t S, V;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::mutex mu;
-  std::condition_variable cv;
-
-  void work() {
-    std::vector<float> y;
-    std::vector<double> masses;
-    int64_t finished = 0;
-    for (int64_t r; (r = next.fetch_add(1, std::memory_order_relaxed)) < S; ++finished)
-      out[r] = draw_row(x + r * V, V, temp[r], thr[r], u[r], y, masses);
-    if (finished && done.fetch_add(finished, std::memory_order_acq_rel) + finished == S) {
-      std::lock_guard<std::mutex> lock(mu);
-      cv.notify_all();
-    }
-  }
+// Per-thread buffers: the row divided by T, and its block masses.
+struct Scratch {
+  std::vector<float> y;
+  std::vector<double> masses;
 };
 
 ffi::Error InverseCdfImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> temp,
@@ -155,18 +135,11 @@ ffi::Error InverseCdfImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
     return ffi::Error::InvalidArgument("T, thr, u and the output must have S elements");
   if (S == 0) return ffi::Error::Success();
   if (V == 0) return ffi::Error::InvalidArgument("empty vocabulary");
-  auto state = std::make_shared<Work>();
-  state->x = x.typed_data();
-  state->temp = temp.typed_data();
-  state->thr = thr.typed_data();
-  state->u = u.typed_data();
-  state->out = out->typed_data();
-  state->S = S;
-  state->V = V;
-  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1) - 1, S - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state] { state->work(); });
-  state->work();
-  pagedjax_cpu::wait_done(state->done, S, state->mu, state->cv);
+  const float *xs = x.typed_data(), *ts = temp.typed_data(), *hs = thr.typed_data(), *us = u.typed_data();
+  int32_t* os = out->typed_data();
+  pagedjax_cpu::parallel_rows<Scratch>(pool, S, [=](Scratch& sc, int64_t r) {
+    os[r] = draw_row(xs + r * V, V, ts[r], hs[r], us[r], sc.y, sc.masses);
+  });
   return ffi::Error::Success();
 }
 

@@ -14,13 +14,8 @@
 // negative NaN below -inf. Ties keep every copy (the k-th value may repeat).
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <cstring>
 #include <functional>
-#include <memory>
-#include <mutex>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -30,7 +25,7 @@
 #define PJ_TOPK_AVX512 0
 #endif
 
-#include "wait_done.h"
+#include "parallel_rows.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -75,46 +70,18 @@ void row_top_k(const uint32_t* bits, int64_t V, int64_t k, std::vector<uint32_t>
   std::sort(heap.begin(), heap.end(), std::greater<uint32_t>());
 }
 
-struct Work {
-  const uint32_t* x;
-  uint32_t* out;
-  int64_t S, V, k;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::mutex mu;
-  std::condition_variable cv;
-
-  void work() {
-    std::vector<uint32_t> heap;
-    int64_t finished = 0;
-    for (int64_t r; (r = next.fetch_add(1, std::memory_order_relaxed)) < S; ++finished) {
-      row_top_k(x + r * V, V, k, heap);
-      for (int64_t j = 0; j < k; ++j) out[r * k + j] = from_key(heap[j]);
-    }
-    if (finished && done.fetch_add(finished, std::memory_order_acq_rel) + finished == S) {
-      std::lock_guard<std::mutex> lock(mu);
-      cv.notify_all();
-    }
-  }
-};
-
 ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out) {
   const auto xd = x.dimensions();
   const auto od = out->dimensions();
   if (xd.size() != 2 || od.size() != 2 || od[0] != xd[0]) return ffi::Error::InvalidArgument("x must be [S, V], out [S, k]");
   const int64_t S = xd[0], V = xd[1], k = od[1];
   if (k < 1 || k > V) return ffi::Error::InvalidArgument("need 1 <= k <= V");
-  if (S == 0) return ffi::Error::Success();
-  auto state = std::make_shared<Work>();
-  state->x = reinterpret_cast<const uint32_t*>(x.typed_data());
-  state->out = reinterpret_cast<uint32_t*>(out->typed_data());
-  state->S = S;
-  state->V = V;
-  state->k = k;
-  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1) - 1, S - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state] { state->work(); });
-  state->work();
-  pagedjax_cpu::wait_done(state->done, S, state->mu, state->cv);
+  const auto* xs = reinterpret_cast<const uint32_t*>(x.typed_data());
+  auto* os = reinterpret_cast<uint32_t*>(out->typed_data());
+  pagedjax_cpu::parallel_rows<std::vector<uint32_t>>(pool, S, [=](std::vector<uint32_t>& heap, int64_t r) {
+    row_top_k(xs + r * V, V, k, heap);
+    for (int64_t j = 0; j < k; ++j) os[r * k + j] = from_key(heap[j]);
+  });
   return ffi::Error::Success();
 }
 
