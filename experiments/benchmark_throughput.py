@@ -59,6 +59,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from pagedjax.engine_args import EngineArgs  # noqa: E402 (after the path set-up above)
+
 DEFAULT_CACHE = Path(os.environ.get("PAGEDJAX_CACHE", Path.home() / ".cache" / "pagedjax"))
 SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
 
@@ -375,15 +377,18 @@ def run_pagedjax(
     from pagedjax import LLM, SamplingParams
 
     res = EngineResult("pagedjax", dtype=args.dtype)
-    kwargs: dict[str, Any] = dict(model=spec.pagedjax_model, dtype=args.dtype, seed=0)
-    if attention_backend != "auto":
-        kwargs["attention_backend"] = attention_backend
-    if matmul_backend != "auto":
-        kwargs["matmul_backend"] = matmul_backend
-    for k in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory", "block_size"):
-        v = getattr(args, k)
-        if v is not None:
-            kwargs[k] = v
+    # Every engine flag of this script is an EngineArgs field; the model, backends and seed are the
+    # row's own, and warm-up compiles are always on (the timing must not include compiles).
+    engine_args = EngineArgs.from_cli_args(
+        args,
+        model=spec.pagedjax_model,
+        attention_backend=attention_backend,
+        matmul_backend=matmul_backend,
+        seed=0,
+        warmup=True,
+    )
+    defaults = EngineArgs()
+    kwargs = {k: v for k, v in engine_args.to_kwargs().items() if v != getattr(defaults, k) or k == "model"}
     print(f"[pagedjax] LLM({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})")
     t = time.perf_counter()
     llm = LLM(**kwargs)
@@ -811,7 +816,7 @@ def plot(results: list[EngineResult], path: str, title: str) -> None:
 # ==================================================================================================
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--model",
@@ -867,19 +872,16 @@ def parse_args(argv=None):
         help="pagedjax matmul backend (auto, xla, cpu); a comma list runs one 'pagedjax[matmul=NAME]' "
         "row per extra backend, like --attention-backend",
     )
-    g.add_argument("--max-num-seqs", type=int, default=None)
-    g.add_argument("--max-num-batched-tokens", type=int, default=None)
-    g.add_argument("--block-size", type=int, default=None, help="pagedjax tokens per KV page (default 16)")
     g.add_argument(
         "--max-model-len",
         type=int,
         default=None,
         help="default: longest prompt+output of the workload rounded up to 16",
     )
-    g.add_argument(
-        "--kv-cache-memory",
-        default=None,
-        help="pagedjax KV cache budget, passed through (an int/float is converted)",
+    # The other pagedjax settings, one flag per EngineArgs field (the ones above have this
+    # script's own meaning: comma lists for A/B rows, a workload-sized context, the workload seed).
+    EngineArgs.add_cli_args(
+        g, skip=("model", "seed", "warmup", "dtype", "attention_backend", "matmul_backend", "max_model_len")
     )
     g.add_argument("--hf-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument(
@@ -928,15 +930,12 @@ def parse_args(argv=None):
     g.add_argument("--output-json", default=None)
     g.add_argument("--plot", default=None, help="bar plot PNG path")
     g.add_argument("--dry-run", action="store_true", help="build and describe the workload, run nothing")
-    args = p.parse_args(argv)
+    return p
 
-    if args.kv_cache_memory is not None:
-        for conv in (int, float):
-            try:
-                args.kv_cache_memory = conv(args.kv_cache_memory)
-                break
-            except ValueError:
-                pass
+
+def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
     if args.engines is None:
         args.engines = "pagedjax,hf-serial,hf-batch16" + (",vllm" if args.vllm_python else "")
     args.engine_list = [e.strip() for e in args.engines.split(",") if e.strip()]
@@ -987,7 +986,7 @@ def build_workload(args, spec: ModelSpec) -> list[Request]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.dtype == "auto":
-        from pagedjax.engine.llm_engine import default_dtype
+        from pagedjax.platform import default_dtype
 
         args.dtype = default_dtype()
         print(f"[dtype] auto -> {args.dtype} (pagedjax's default on this machine)")

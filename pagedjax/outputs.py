@@ -38,7 +38,7 @@ class CompletionOutput:
     cumulative_logprob: float | None = None
     # One dict per generated token: {token id: logprob} with the top-N and the sampled token.
     logprobs: list[dict[int, float]] | None = None
-    finish_reason: str | None = None  # "stop", "length", "abort" or None while running
+    finish_reason: str | None = None  # "stop", "length", "abort", "error" or None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
 
     @property
@@ -57,4 +57,6 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
+    # Set when the engine step computing this request failed (the request is then finished).
+    error: str | None = None
     extra: dict = field(default_factory=dict)

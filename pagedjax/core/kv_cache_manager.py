@@ -174,6 +174,23 @@ class KVCacheManager:
         if seq_id in self.block_tables:
             self._filled[seq_id] = num_tokens
 
+    def truncate(self, seq_id: str, num_tokens: int) -> None:
+        """Keep only the pages that hold the first `num_tokens` tokens (speculative decoding rolls
+        back the slots of rejected draft tokens). Full pages past the cut lose their cache keys."""
+        table = self.block_tables.get(seq_id)
+        if table is None:
+            return
+        keep = self.pages_needed(num_tokens)
+        if keep < len(table):
+            tail = table[keep:]
+            del table[keep:]
+            self.pool.release(tail[::-1])
+        keys = self._keys.get(seq_id)
+        if keys is not None and len(keys) > num_tokens // self.block_size:
+            del keys[num_tokens // self.block_size :]
+        if self._filled.get(seq_id, 0) > num_tokens:
+            self._filled[seq_id] = num_tokens
+
     def free(self, seq_id: str) -> None:
         table = self.block_tables.pop(seq_id, None)
         self._filled.pop(seq_id, None)

@@ -23,6 +23,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"  # the engine step computing it failed (the fault is the engine's)
 
     @property
     def finished(self) -> bool:
@@ -30,6 +31,7 @@ class RequestStatus(enum.Enum):
             RequestStatus.FINISHED_STOPPED,
             RequestStatus.FINISHED_LENGTH,
             RequestStatus.FINISHED_ABORTED,
+            RequestStatus.FINISHED_ERROR,
         )
 
 
@@ -66,6 +68,10 @@ class Request:
     # `held_logprobs` for the beam controller to choose continuations from.
     hold_samples: bool = False
     held_logprobs: dict[int, float] | None = None
+    # Speculative decoding: draft tokens proposed after the last generated token. They are not
+    # part of `num_tokens` until verified; the scheduler computes them with the next chunk and
+    # `Scheduler.update_from_output` keeps the verified ones and rolls the rest back.
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -76,19 +82,28 @@ class Request:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def num_tokens_with_spec(self) -> int:
+        return self.num_tokens + len(self.spec_token_ids)
+
+    @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
 
     def token_at(self, i: int) -> int:
         """Token i of prompt + output, without building the joined list."""
         p = self.num_prompt_tokens
-        return self.prompt_token_ids[i] if i < p else self.output_token_ids[i - p]
+        if i < p:
+            return self.prompt_token_ids[i]
+        i -= p
+        n = len(self.output_token_ids)
+        return self.output_token_ids[i] if i < n else self.spec_token_ids[i - n]
 
     def token_ids_slice(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output + draft tokens."""
         p = self.num_prompt_tokens
         if end <= p:
             return self.prompt_token_ids[start:end]
-        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+        return (self.prompt_token_ids + self.output_token_ids + self.spec_token_ids)[start:end]
 
     @property
     def is_finished(self) -> bool:

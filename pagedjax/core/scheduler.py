@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from pagedjax.config import SchedulerConfig
 from pagedjax.core.kv_cache_manager import KVCacheManager
+from pagedjax.core.model_output import ModelOutput, RequestUpdate
 from pagedjax.core.request import Request, RequestStatus
 
 
@@ -35,6 +37,8 @@ class ScheduledChunk:
     num_new_tokens: int
     # Forked samples compute no token: they sample from the logits row of their source's chunk.
     source: ScheduledChunk | None = None
+    # Draft tokens (speculative decoding) among the new tokens, at the chunk's end.
+    num_spec_tokens: int = 0
 
     @property
     def end(self) -> int:
@@ -42,8 +46,9 @@ class ScheduledChunk:
 
     @property
     def samples(self) -> bool:
-        """True when this chunk reaches the request's last known token: its logits give a new token."""
-        return self.end == self.request.num_tokens
+        """True when this chunk reaches the request's last known token: its logits give a new token
+        (and, past it, one per draft token to verify)."""
+        return self.end - self.num_spec_tokens == self.request.num_tokens
 
 
 @dataclass
@@ -195,6 +200,8 @@ class Scheduler:
                 self.pending_forks[head.request_id] = rest
             self.waiting.push(head)
         req.status = status
+        if req.finished_time is None:
+            req.finished_time = time.time()
         self.kv_cache.free(req.request_id)
         self.requests.pop(req.request_id, None)
 
@@ -220,13 +227,21 @@ class Scheduler:
         self.waiting.push(victim, front=True)
         out.preempted.append(victim.request_id)
 
+    def preempt_all(self) -> list[str]:
+        """Send every running request back to waiting to be recomputed (the KV pool was lost)."""
+        out = SchedulerOutput()
+        for req in reversed(list(self.running)):  # back to front keeps the queue's order
+            self._preempt(req, out)
+        return out.preempted
+
     def _pick_victim(self, candidates: list[Request]) -> Request:
         if self.config.policy == "priority":
             return max(candidates, key=lambda r: (r.priority, r.arrival_time))
         return candidates[-1]
 
     def _add_chunk(self, out: SchedulerOutput, req: Request, num_new: int, scheduled: set[str]) -> None:
-        chunk = ScheduledChunk(req, req.num_computed_tokens, num_new)
+        start = req.num_computed_tokens
+        chunk = ScheduledChunk(req, start, num_new, num_spec_tokens=max(0, start + num_new - req.num_tokens))
         (out.decodes if num_new == 1 else out.prefills).append(chunk)
         scheduled.add(req.request_id)
         if chunk.samples and req.request_id in self.pending_forks:
@@ -240,12 +255,21 @@ class Scheduler:
                 scheduled.add(s.request_id)
             req.num_reserved_seats = 0
 
-    def share_forked_pages(self, out: SchedulerOutput) -> None:
+    def _share_forked_pages(self, out: SchedulerOutput) -> None:
         """After the step ran (its K/V written), give this step's forked samples their source's pages.
         Sharing only after the writes keeps the rule that no page is written while shared."""
         for ch in out.forks:
             if ch.source.request.status == RequestStatus.RUNNING:
                 self.kv_cache.fork(ch.source.request.request_id, ch.request.request_id)
+
+    def _num_spec_to_verify(self, req: Request) -> int:
+        """Draft tokens worth computing: as many as could still be accepted, so that verifying them
+        never needs K/V slots past the request's `max_tokens` or `max_model_len` (which `check_fits`
+        sized the pool for)."""
+        if not req.spec_token_ids:
+            return 0
+        room = min(req.max_tokens - req.num_output_tokens, self.config.max_model_len - req.num_tokens) - 1
+        return max(0, min(len(req.spec_token_ids), room))
 
     def _running_load(self) -> int:
         """Seats taken in the running batch, counting seats reserved for future forks."""
@@ -272,7 +296,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_new = min(req.num_tokens + self._num_spec_to_verify(req) - req.num_computed_tokens, budget)
             if num_new == 0 or req.request_id in scheduled:  # e.g. a beam waiting for its siblings
                 i += 1
                 continue
@@ -313,6 +337,94 @@ class Scheduler:
             self._add_chunk(out, req, num_new, scheduled)
             budget -= num_new
         return out
+
+    # ---------------------------------------------------------------------------------- step results
+    def update_from_output(self, out: SchedulerOutput, model_out: ModelOutput) -> list[RequestUpdate]:
+        """Apply one executed step: advance computed tokens, mark and cache filled pages, append the
+        new tokens (one, or with speculative decoding the verified drafts plus a bonus token), roll
+        back rejected draft slots, check stop conditions and finish requests (freeing their pages).
+
+        Returns one RequestUpdate per request that got tokens or finished. Stop strings are found by
+        the engine's output processor (they need detokenized text), which then calls `finish`."""
+        self._share_forked_pages(out)
+        bs = self.kv_cache.block_size
+        updates: list[RequestUpdate] = []
+        for ch in out.chunks:
+            req = ch.request
+            rid = req.request_id
+            if req.is_finished:  # finished by an earlier chunk's outcome (e.g. its source's abort)
+                continue
+            new_tokens = model_out.sampled.get(rid, []) if ch.samples else []
+            if len(new_tokens) > ch.num_spec_tokens + 1:
+                raise ValueError(
+                    f"{rid}: {len(new_tokens)} new tokens for a chunk with {ch.num_spec_tokens} drafts"
+                )
+            # Verified drafts come back as new tokens (all but the last, the bonus token); the rest
+            # are rejected and their K/V slots rolled back.
+            accepted = max(len(new_tokens) - 1, 0)
+            if new_tokens[:accepted] != req.spec_token_ids[:accepted]:
+                raise ValueError(f"{rid}: new tokens {new_tokens} do not extend its drafts")
+            rejected = ch.num_spec_tokens - accepted
+            computed = ch.end - rejected
+            req.num_computed_tokens = computed
+            if computed // bs > ch.start // bs:  # a page filled up (verified tokens only): findable
+                self.kv_cache.cache_full_pages(rid, computed, req.token_ids_slice(0, computed))
+            req.spec_token_ids = []
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.time()
+            for idx, lp in model_out.prompt_logprobs.get(rid, ()):
+                if req.prompt_logprobs is not None and idx == len(req.prompt_logprobs):
+                    req.prompt_logprobs.append(lp)
+            if rejected:
+                self.kv_cache.truncate(rid, computed)
+            self.kv_cache.mark_filled(rid, computed)
+            if not new_tokens:
+                continue
+            logprobs = model_out.logprobs.get(rid)
+            if req.hold_samples:  # a beam: the beam controller picks its continuation
+                req.held_logprobs = logprobs[0] if logprobs else None
+                continue
+            update = RequestUpdate(
+                rid, [], [] if logprobs is not None else None, num_rejected_tokens=rejected
+            )
+            for k, token in enumerate(new_tokens):
+                req.output_token_ids.append(token)
+                update.new_token_ids.append(token)
+                if logprobs is not None:
+                    req.logprobs.append(logprobs[k])
+                    update.new_logprobs.append(logprobs[k])
+                status = self._stop_status(req, token)
+                if status is not None:
+                    update.finish_reason, update.stop_reason = status.value, req.stop_reason
+                    self.finish(req, status)
+                    break
+            updates.append(update)
+        return updates
+
+    def _stop_status(self, req: Request, token: int) -> RequestStatus | None:
+        """Whether appending `token` ends the request (stop strings are checked by the engine)."""
+        sp = req.sampling_params
+        n_out = req.num_output_tokens
+        if n_out >= sp.min_tokens:
+            if token in sp.stop_token_ids:
+                req.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+            if not sp.ignore_eos and token in req.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+        if n_out >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def fail_step(self, out: SchedulerOutput) -> list[Request]:
+        """The step could not be executed: finish its requests with an error (pages freed) so the
+        engine can go on serving the others. Page copies queued for the step are dropped with it."""
+        failed = []
+        self.kv_cache.take_pending_copies()
+        for ch in out.chunks:
+            if not ch.request.is_finished:
+                self.finish(ch.request, RequestStatus.FINISHED_ERROR)
+                failed.append(ch.request)
+        return failed
 
     def check_invariants(self) -> None:
         self.kv_cache.check_invariants()

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import jax
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pagedjax.config import CacheConfig, ModelConfig, SchedulerConfig
+from pagedjax.core.model_output import ModelOutput
 from pagedjax.core.scheduler import SchedulerOutput
 from pagedjax.models.layers.linear import pack_params, resolve_matmul_backend
 from pagedjax.models.llama import StepInputs
@@ -36,18 +37,6 @@ _PAD_ROW = SamplingRow(
     params=SamplingParams(temperature=0.0), prompt_ids=(), output_ids=(), seed=0, blocked_ids=()
 )
 PAGES_PER_CHUNK = 4  # KV pages per attention loop iteration (see pallas_kernels/reference.py)
-
-
-@dataclass
-class StepResult:
-    """Host-side results of one step, rows aligned with `SchedulerOutput.chunks`."""
-
-    sampled: dict[str, int] = field(default_factory=dict)  # request id -> new token
-    logprobs: dict[str, dict[int, float]] = field(default_factory=dict)
-    # request id -> [(prompt index i, {token: logprob}) for prompt tokens i >= 1 covered this step]
-    prompt_logprobs: dict[str, list[tuple[int, dict[int, float]]]] = field(default_factory=dict)
-    # With ModelRunner.capture_logits: request id -> (first position, f32[num_new_tokens, V] logits).
-    logits: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
 
 
 _prompt_logprobs = jax.jit(compute_logprobs, static_argnames=("num_logprobs",))
@@ -120,6 +109,9 @@ class ModelRunner:
         self.compile_seconds = 0.0
         # Research/test hook: also return every scheduled token's logits (costs a [T, V] matmul).
         self.capture_logits = False
+        # Test hook: called with each SchedulerOutput before it runs; raising fails that step
+        # (the engine then ends that step's requests with an error and serves on).
+        self.fault_hook: Callable[[SchedulerOutput], None] | None = None
 
     # ------------------------------------------------------------------------------ bookkeeping
     @property
@@ -201,6 +193,16 @@ class ModelRunner:
             len(out.decodes) + len(out.forks), sum(c.num_new_tokens for c in out.prefills)
         )
 
+    def kv_pool_lost(self) -> bool:
+        """True when a failed step took the donated KV pool buffers with it."""
+        return self.k_cache.is_deleted() or self.v_cache.is_deleted()
+
+    def reallocate_kv_pool(self) -> None:
+        """A fresh (zeroed) pool after a failed step lost the old one; every page's K/V is gone."""
+        self.k_cache, self.v_cache = allocate_kv_cache(
+            self.config, self.num_pages, self.block_size, self.cache_dtype
+        )
+
     def copy_pages(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole pages src -> dst in every layer of the pool (copy-on-write), in place."""
         n = 1 << (len(copies) - 1).bit_length()  # bucket the count: few distinct programs
@@ -215,7 +217,9 @@ class ModelRunner:
         out: SchedulerOutput,
         block_tables: dict[str, list[int]],
         page_copies: list[tuple[int, int]] = (),
-    ) -> StepResult:
+    ) -> ModelOutput:
+        if self.fault_hook is not None:
+            self.fault_hook(out)
         if page_copies:
             self.copy_pages(list(page_copies))
         shape = self._shape(out)
@@ -236,7 +240,7 @@ class ModelRunner:
         new = (shape, all_logits) not in self._executables
         step = self._executable(shape, all_logits)
         logits, self.k_cache, self.v_cache = step(self.params, self.k_cache, self.v_cache, inputs)
-        result = StepResult()
+        result = ModelOutput()
         if all_logits:
             all_rows = logits
             logits = all_rows[jnp.asarray(inputs.logits_indices)]
@@ -276,12 +280,12 @@ class ModelRunner:
             if not ch.samples:
                 continue
             rid = ch.request.request_id
-            result.sampled[rid] = int(tokens[r])
+            result.sampled[rid] = [int(tokens[r])]
             sp = ch.request.sampling_params
             if sp.logprobs is not None or (sp.best_of or 1) > sp.n:
                 lp = {int(top_ids[r, k]): float(top_lp[r, k]) for k in range(sp.logprobs or 0)}
                 lp[int(tokens[r])] = float(tok_lp[r])
-                result.logprobs[rid] = lp
+                result.logprobs[rid] = [lp]
         if new:
             self.compile_seconds += time.perf_counter() - t0
         return result
@@ -310,7 +314,7 @@ class ModelRunner:
         )
 
     def _prompt_logprobs(
-        self, all_rows, inputs: StepInputs, out: SchedulerOutput, chunks, result: StepResult
+        self, all_rows, inputs: StepInputs, out: SchedulerOutput, chunks, result: ModelOutput
     ):
         """Logprob of each prompt token given its prefix (vLLM's prompt_logprobs), for chunks that
         cover prompt positions. Position p's logits score prompt token p + 1."""

@@ -220,14 +220,15 @@ def run_server(args: argparse.Namespace) -> int:
     import uvicorn
 
     from pagedjax.engine.llm_engine import LLMEngine
-    from pagedjax.entrypoints.cli import engine_kwargs
+    from pagedjax.entrypoints.cli_args import engine_args_from
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    engine = LLMEngine.from_args(args.model, **engine_kwargs(args))
+    engine_args = engine_args_from(args)
+    engine = LLMEngine.from_engine_args(engine_args)
     client = AsyncEngineClient(engine).start()
-    names = args.served_model_name or [args.model or "default"]
+    names = args.served_model_name or [engine_args.model or "default"]
     app = build_app(client, names, api_key=args.api_key, max_waiting_requests=args.max_waiting_requests)
     config = uvicorn.Config(
         app,
@@ -250,7 +251,7 @@ def run_server(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pagedjax.entrypoints.cli import add_engine_args
+    from pagedjax.entrypoints.cli_args import add_engine_args
 
     parser = argparse.ArgumentParser(
         prog="pagedjax-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

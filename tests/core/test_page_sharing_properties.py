@@ -120,7 +120,7 @@ class SharingMachine(RuleBasedStateMachine):
                 assert not self.kv.pool.is_cached(page), f"write into cached page {page}"
             for pos in range(ch.start, ch.end):
                 self.slots[table[pos // bs]][pos % bs] = req.token_ids_slice(pos, pos + 1)[0]
-        self.sched.share_forked_pages(out)
+        self.sched._share_forked_pages(out)
         for ch in out.chunks:
             req, table = ch.request, self.kv.block_tables[ch.request.request_id]
             seen = [self.slots[table[p // bs]].get(p % bs) for p in range(ch.end)]

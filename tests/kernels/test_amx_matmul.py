@@ -138,7 +138,7 @@ def test_bench_matmul_script_runs_bf16(capsys, monkeypatch):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "experiments" / "bench_matmul.py"
+    script = Path(__file__).resolve().parents[2] / "experiments" / "bench_matmul.py"
     argv = [str(script), "--rows", "3", "--shape", "32,2,1,16,48,100", "--repeats", "1"]
     argv += ["--dtype", "bfloat16"]
     monkeypatch.setattr(sys, "argv", argv)

@@ -528,7 +528,7 @@ def test_benchmark_serving_script(url, tmp_path):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / "benchmark_serving.py"
+    path = Path(__file__).resolve().parents[2] / "experiments" / "benchmark_serving.py"
     spec = importlib.util.spec_from_file_location("benchmark_serving", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules["benchmark_serving"] = mod  # dataclasses need the module registered

@@ -1,11 +1,11 @@
 """Property tests of the host-only scheduling core: Scheduler + KVCacheManager + PagePool + Request.
 
 No model and no JAX: a tiny simulated engine plays the runner's part. After `schedule()` every chunk
-advances its request's `num_computed_tokens` to `chunk.end`, and a chunk that samples appends a fake
-token (finishing the request once it reaches `max_tokens`). Hypothesis drives random interleavings of
-adds, steps and aborts over pools small enough to force preemption, and checks the scheduler's
-invariants and step limits after every operation, then that everything finishes (liveness) and that
-all pages come back.
+goes through `Scheduler.update_from_output` with a fake token for every chunk that samples (which
+advances computed tokens, appends, and finishes the request once it reaches `max_tokens`).
+Hypothesis drives random interleavings of adds, steps and aborts over pools small enough to force
+preemption, and checks the scheduler's invariants and step limits after every operation, then that
+everything finishes (liveness) and that all pages come back.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from hypothesis.stateful import (
 
 from pagedjax.config import SchedulerConfig
 from pagedjax.core.kv_cache_manager import KVCacheManager
+from pagedjax.core.model_output import ModelOutput
 from pagedjax.core.page_pool import OutOfPagesError, PagePool
 from pagedjax.core.request import Request, RequestStatus
 from pagedjax.core.scheduler import RequestRejectedError, Scheduler, SchedulerOutput
@@ -53,7 +54,9 @@ def make_scheduler(
         max_num_prefill_seqs=max_num_prefill_seqs,
         policy=policy,
     )
-    return Scheduler(cfg, KVCacheManager(num_pages, block_size))
+    # No prefix caching here (tests/core/test_page_sharing_properties.py covers it): a new request
+    # then always starts from 0 computed tokens, which check_step relies on.
+    return Scheduler(cfg, KVCacheManager(num_pages, block_size, enable_prefix_caching=False))
 
 
 def make_request(
@@ -109,18 +112,15 @@ def run_step(sched: Scheduler) -> tuple[SchedulerOutput, list[Request]]:
     out = sched.schedule()
     check_step(sched, out, before)
     out.running_order = [r.request_id for r in sched.running]  # admission order, for the FCFS check
+    model_out = ModelOutput(sampled={c.request.request_id: [FAKE_TOKEN] for c in out.chunks if c.samples})
     finished = []
-    for ch in out.chunks:
-        req = ch.request
-        samples = ch.samples
-        req.num_computed_tokens = ch.end
-        sched.kv_cache.mark_filled(req.request_id, ch.end)
-        if samples:
-            req.output_token_ids.append(FAKE_TOKEN)
-            if req.num_output_tokens >= req.max_tokens:
-                sched.finish(req, RequestStatus.FINISHED_LENGTH)
-                assert req.request_id not in sched.kv_cache.block_tables
-                finished.append(req)
+    for update in sched.update_from_output(out, model_out):
+        req = next(c.request for c in out.chunks if c.request.request_id == update.request_id)
+        assert req.num_computed_tokens == req.num_tokens - 1
+        if update.finish_reason is not None:
+            assert req.num_output_tokens >= req.max_tokens and req.status == RequestStatus.FINISHED_LENGTH
+            assert req.request_id not in sched.kv_cache.block_tables
+            finished.append(req)
     sched.check_invariants()
     return out, finished
 

@@ -336,7 +336,7 @@ def test_bench_attention_smoke(tmp_path):
     from pathlib import Path
 
     out = tmp_path / "bench.json"
-    script = Path(__file__).resolve().parents[1] / "experiments" / "bench_attention.py"
+    script = Path(__file__).resolve().parents[2] / "experiments" / "bench_attention.py"
     cmd = [sys.executable, str(script), "--heads", "4", "--kv-heads", "2", "--head-dim", "32"]
     cmd += ["--repeats", "1", "--pallas", "off", "--output-json", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)
