@@ -10,18 +10,20 @@ GET /version, POST /tokenize, POST /detokenize, GET /metrics (Prometheus).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hmac
 import logging
 import signal
 import sys
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 import pagedjax
-from pagedjax.entrypoints.openai.engine_client import AsyncEngineClient, EngineDeadError
+from pagedjax.entrypoints.openai.engine_client import AsyncEngineClient
 from pagedjax.entrypoints.openai.metrics import ServerMetrics
 from pagedjax.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -32,7 +34,13 @@ from pagedjax.entrypoints.openai.protocol import (
     TokenizeRequest,
 )
 from pagedjax.entrypoints.openai.serving_chat import create_chat_completion, render_chat
-from pagedjax.entrypoints.openai.serving_common import ClientDisconnectedError, OpenAIError, ServerState
+from pagedjax.entrypoints.openai.serving_common import (
+    ENGINE_FAILURES,
+    ClientDisconnectedError,
+    OpenAIError,
+    ServerState,
+    openai_error_for,
+)
 from pagedjax.entrypoints.openai.serving_completions import create_completion
 
 logger = logging.getLogger("pagedjax.server")
@@ -99,9 +107,12 @@ def build_app(
         # Nobody reads this (nginx's "client closed request" code); the request was aborted.
         return Response(status_code=499)
 
-    @app.exception_handler(EngineDeadError)
-    async def _dead(request: Request, exc: EngineDeadError):
-        return _error(503, str(exc), type="service_unavailable")
+    async def _engine_failure(request: Request, exc: Exception):
+        err = openai_error_for(exc)
+        return JSONResponse(err.body(), status_code=err.status)
+
+    for failure in ENGINE_FAILURES:
+        app.add_exception_handler(failure, _engine_failure)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
@@ -211,14 +222,36 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         "--shutdown-timeout",
         type=float,
         default=30.0,
-        help="on SIGTERM, seconds to let in-flight requests finish",
+        help="on SIGTERM, seconds to let in-flight requests finish; then they are aborted "
+        "(streams end with finish_reason 'abort', other requests get a 503)",
     )
     p.add_argument("--log-level", default="info")
 
 
-def run_server(args: argparse.Namespace) -> int:
-    import uvicorn
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, but a shutdown whose drain time runs out ends the requests still in flight
+    through the engine (streams: a final `finish_reason: "abort"` chunk; others: an OpenAI-shaped
+    503) instead of letting uvicorn cancel them into plain-text 500s."""
 
+    def __init__(self, config: uvicorn.Config, client: AsyncEngineClient, drain_timeout: float):
+        super().__init__(config)
+        self.client = client
+        self.drain_timeout = drain_timeout
+
+    async def shutdown(self, sockets=None) -> None:
+        async def end_in_flight_later() -> None:
+            await asyncio.sleep(self.drain_timeout)
+            logger.warning("drain time (%.0f s) ran out; aborting requests in flight", self.drain_timeout)
+            self.client.end_in_flight()
+
+        timer = asyncio.create_task(end_in_flight_later())
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+
+def run_server(args: argparse.Namespace) -> int:
     from pagedjax.engine.llm_engine import LLMEngine
     from pagedjax.entrypoints.cli_args import engine_args_from
 
@@ -235,9 +268,10 @@ def run_server(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         log_level=args.log_level,
-        timeout_graceful_shutdown=args.shutdown_timeout,
+        # A backstop only: DrainingServer ends in-flight requests itself when the drain time runs out.
+        timeout_graceful_shutdown=args.shutdown_timeout + 10.0,
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, client, args.shutdown_timeout)
     # uvicorn re-raises the captured SIGTERM/SIGINT after its graceful shutdown; a no-op handler turns
     # that into a normal return, so a SIGTERM'd server exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):

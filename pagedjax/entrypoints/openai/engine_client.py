@@ -8,6 +8,10 @@ batch: its outputs just pile up (they are cumulative, so only the latest matters
 
 A request whose consumer goes away (client disconnect -> task cancelled) is aborted in the
 generator's `finally`, and the engine frees its KV pages at the next loop iteration.
+
+Failures reach the stream as typed exceptions: `RequestFailedError` when the engine ended this
+request because its step failed (the engine keeps serving everything else), `ShutdownAbortError`
+when a shutdown's drain time ran out (`end_in_flight`), `EngineDeadError` when the thread stopped.
 """
 
 from __future__ import annotations
@@ -29,6 +33,20 @@ logger = logging.getLogger("pagedjax.server")
 
 class EngineDeadError(RuntimeError):
     """The engine thread stopped (a step raised, or the client was shut down)."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine ended this request because the step computing it failed (a server fault: 500).
+
+    `output` is the request's last output (finish_reason "error"), so a stream can close its choices."""
+
+    def __init__(self, message: str, output: RequestOutput | None = None):
+        super().__init__(message)
+        self.output = output
+
+
+class ShutdownAbortError(RuntimeError):
+    """The server is shutting down and its drain time ran out before this request finished."""
 
 
 @dataclass
@@ -66,6 +84,13 @@ class AsyncEngineClient:
     @property
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    def end_in_flight(self) -> None:
+        """Abort every request that still has a consumer; each stream gets `ShutdownAbortError`.
+
+        Called when a shutdown's drain time runs out, so handlers answer cleanly (a final
+        `finish_reason: "abort"` chunk, or an OpenAI-shaped 503) instead of being cancelled."""
+        self._cmds.put(("end_in_flight",))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopping.set()
@@ -131,6 +156,12 @@ class AsyncEngineClient:
                 self.engine.abort_request(rid)
                 if self.metrics_hook is not None:
                     self.metrics_hook.on_abort()
+        elif kind == "end_in_flight":
+            for rid, stream in list(self._streams.items()):
+                self._streams.pop(rid, None)
+                self.engine.abort_request(rid)
+                err = ShutdownAbortError("The server is shutting down; the request was aborted.")
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, err)
         elif kind == "call":
             _, fn, fut = cmd
             try:
@@ -241,6 +272,8 @@ class RequestStream:
                     raise item
                 self.finished = item.finished
                 self.last = item
+                if item.error is not None:
+                    raise RequestFailedError(item.error, item)
                 yield item
         finally:
             if not self.finished:

@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from pagedjax.entrypoints.openai.engine_client import EngineDeadError
+from pagedjax.entrypoints.openai.engine_client import ShutdownAbortError
 from pagedjax.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage, random_id
 from pagedjax.entrypoints.openai.serving_common import (
+    ENGINE_FAILURES,
     SSE_DONE,
     OpenAIError,
     ServerState,
@@ -19,6 +20,7 @@ from pagedjax.entrypoints.openai.serving_common import (
     make_sampling_params,
     merged,
     open_streams,
+    openai_error_for,
     run_until_disconnect,
     sse,
     stop_holdback,
@@ -159,6 +161,7 @@ async def _stream(state, req, streams, request_id, created, model, n_prompt) -> 
     sent_text = [0] * req.n
     last = None
     holdback = stop_holdback(req.stop)
+    finished: set[int] = set()  # choice indices whose final chunk was sent
     try:
         yield chunk(
             [
@@ -175,6 +178,8 @@ async def _stream(state, req, streams, request_id, created, model, n_prompt) -> 
             last = out
             for o in out.outputs:
                 i = o.index
+                if o.finished:
+                    finished.add(i)
                 tf, xf = sent_tok[i], sent_text[i]
                 if len(o.token_ids) == tf and not o.finished:
                     continue
@@ -209,8 +214,18 @@ async def _stream(state, req, streams, request_id, created, model, n_prompt) -> 
                 },
             )
         yield SSE_DONE
-    except EngineDeadError as e:
-        yield sse(OpenAIError(str(e), 503, type="service_unavailable").body())
+    except ShutdownAbortError:
+        # The drain time ran out: close every open choice the way an abort does, then end the stream.
+        aborted = [
+            {"index": i, "delta": {}, "logprobs": None, "finish_reason": "abort", "stop_reason": None}
+            for i in range(req.n)
+            if i not in finished
+        ]
+        if aborted:
+            yield chunk(aborted)
+        yield SSE_DONE
+    except ENGINE_FAILURES as e:
+        yield sse(openai_error_for(e).body())
         yield SSE_DONE
     finally:
         close_all(streams)

@@ -13,7 +13,13 @@ from pydantic import BaseModel
 from starlette.requests import Request
 
 from pagedjax.engine.llm_engine import InvalidRequestError
-from pagedjax.entrypoints.openai.engine_client import AsyncEngineClient, EngineDeadError, RequestStream
+from pagedjax.entrypoints.openai.engine_client import (
+    AsyncEngineClient,
+    EngineDeadError,
+    RequestFailedError,
+    RequestStream,
+    ShutdownAbortError,
+)
 from pagedjax.outputs import RequestOutput
 from pagedjax.sampling_params import BeamSearchParams, SamplingParams
 
@@ -40,6 +46,18 @@ class OpenAIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# What the engine's failures mean to an HTTP client: a failed step is the server's fault (500); a
+# stopped engine or a shutdown that ran out of drain time is "unavailable, retry" (503).
+ENGINE_FAILURES = (RequestFailedError, ShutdownAbortError, EngineDeadError)
+
+
+def openai_error_for(exc: BaseException) -> OpenAIError:
+    """The OpenAI-shaped error for one of `ENGINE_FAILURES`."""
+    if isinstance(exc, RequestFailedError):
+        return OpenAIError(str(exc), 500, type="server_error")
+    return OpenAIError(str(exc), 503, type="service_unavailable")
 
 
 def param_of(message: str) -> str | None:

@@ -9,9 +9,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from pagedjax.entrypoints.openai.engine_client import EngineDeadError
+from pagedjax.entrypoints.openai.engine_client import ShutdownAbortError
 from pagedjax.entrypoints.openai.protocol import CompletionRequest, random_id
 from pagedjax.entrypoints.openai.serving_common import (
+    ENGINE_FAILURES,
     SSE_DONE,
     OpenAIError,
     ServerState,
@@ -20,6 +21,7 @@ from pagedjax.entrypoints.openai.serving_common import (
     make_sampling_params,
     merged,
     open_streams,
+    openai_error_for,
     run_until_disconnect,
     sse,
     stop_holdback,
@@ -138,6 +140,19 @@ class _Ctx:
             "stop_reason": o.stop_reason,
         }
 
+    def chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
+        """One streamed `text_completion` event."""
+        d = {
+            "id": self.request_id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if usage is not None:
+            d["usage"] = usage
+        return d
+
     def usage(self, results: list[RequestOutput]) -> dict:
         prompt_tokens = sum(len(p["prompt_token_ids"]) for p in self.prompts)
         completion = 0 if self.echo_only else sum(len(o.token_ids) for r in results for o in r.outputs)
@@ -173,11 +188,14 @@ async def _stream(ctx: _Ctx, streams) -> AsyncIterator[str]:
     last: list[RequestOutput | None] = [None] * len(streams)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     holdback = stop_holdback(req.stop)
+    finished: set[int] = set()  # choice indices whose final chunk was sent
     try:
         async for i, out in merged(streams):
             last[i] = out
             for o in out.outputs:
                 idx = i * req.n + o.index
+                if o.finished:
+                    finished.add(idx)
                 first = idx not in sent_tok
                 tf, xf = sent_tok.get(idx, 0), sent_text.get(idx, 0)
                 if not first and len(o.token_ids) == tf and not o.finished:
@@ -192,32 +210,22 @@ async def _stream(ctx: _Ctx, streams) -> AsyncIterator[str]:
                 sent_tok[idx], sent_text[idx] = len(o.token_ids), limit
                 if not c["text"] and c["logprobs"] is None and c["finish_reason"] is None:
                     continue
-                yield sse(
-                    {
-                        "id": ctx.request_id,
-                        "object": "text_completion",
-                        "created": ctx.created,
-                        "model": ctx.model,
-                        "choices": [c],
-                    }
-                )
+                yield sse(ctx.chunk([c]))
         if include_usage:
-            yield sse(
-                {
-                    "id": ctx.request_id,
-                    "object": "text_completion",
-                    "created": ctx.created,
-                    "model": ctx.model,
-                    "choices": [],
-                    "usage": ctx.usage([r for r in last if r]),
-                }
-            )
+            yield sse(ctx.chunk([], usage=ctx.usage([r for r in last if r])))
         yield SSE_DONE
     except OpenAIError as e:
         yield sse(e.body())
         yield SSE_DONE
-    except EngineDeadError as e:
-        yield sse(OpenAIError(str(e), 503, type="service_unavailable").body())
+    except ShutdownAbortError:
+        # The drain time ran out: close every open choice the way an abort does, then end the stream.
+        for idx in range(len(streams) * req.n):
+            if idx not in finished:
+                c = {"index": idx, "text": "", "logprobs": None, "finish_reason": "abort"}
+                yield sse(ctx.chunk([{**c, "stop_reason": None}]))
+        yield SSE_DONE
+    except ENGINE_FAILURES as e:
+        yield sse(openai_error_for(e).body())
         yield SSE_DONE
     finally:
         close_all(streams)
