@@ -557,3 +557,36 @@ def test_benchmark_serving_script(url, tmp_path):
     s = json.loads(out.read_text())
     assert rc == 0 and s["completed"] == 6 and s["failed"] == 0
     assert s["total_output_tokens"] == 36 and s["mean_ttft_ms"] > 0 and s["p99_itl_ms"] > 0
+
+
+def test_soak_script(url, tmp_path):
+    """The soak script against the live test server, briefly: every kind of request occurs, bad ones
+    get their OpenAI-shaped 4xx, greedy probes agree, and no page is left in use."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "experiments" / "soak_server.py"
+    spec = importlib.util.spec_from_file_location("soak_server", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["soak_server"] = mod  # dataclasses need the module registered
+    spec.loader.exec_module(mod)
+    out = tmp_path / "soak.json"
+    argv = [
+        "--url",
+        url,
+        "--duration",
+        "4",
+        "--clients",
+        "12",
+        "--max-tokens",
+        "12",
+        "--output-json",
+        str(out),
+    ]
+    rc = mod.main([*argv, "--bad-frac", "0.2", "--disconnect-frac", "0.2", "--greedy-every", "3"])
+    s = json.loads(out.read_text())
+    assert rc == 0, s["unexpected"]
+    assert set(s["by_kind"]) == {"normal", "disconnect", "bad", "greedy"}, s["by_kind"]
+    assert s["bad_rejected"] == s["by_kind"]["bad"] and s["disconnected"] == s["by_kind"]["disconnect"]
+    assert s["completed"] == s["by_kind"]["normal"] + s["by_kind"]["greedy"]
+    assert s["greedy_consistent"] is True and s["kv_pages_used_at_end"] == 0 and s["health_at_end"] == 200
