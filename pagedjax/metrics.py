@@ -9,7 +9,26 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from pagedjax.core.kv_cache_manager import KVCacheStats
+
+@dataclass
+class KVCacheStats:
+    """Page-pool occupancy at one moment (the KV cache manager fills it; metrics keep it)."""
+
+    num_pages: int
+    pages_used: int
+    pages_free: int
+    allocated_slots: int
+    filled_slots: int
+    pages_cached: int = 0
+
+    @property
+    def usage(self) -> float:
+        return self.pages_used / self.num_pages
+
+    @property
+    def waste(self) -> float:
+        """Allocated-but-unfilled token slots / allocated slots (internal fragmentation)."""
+        return 0.0 if self.allocated_slots == 0 else 1.0 - self.filled_slots / self.allocated_slots
 
 
 @dataclass

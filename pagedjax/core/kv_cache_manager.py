@@ -18,30 +18,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from pagedjax.core.page_pool import PagePool
-
-
-@dataclass
-class KVCacheStats:
-    num_pages: int
-    pages_used: int
-    pages_free: int
-    allocated_slots: int
-    filled_slots: int
-    pages_cached: int = 0
-
-    @property
-    def usage(self) -> float:
-        return self.pages_used / self.num_pages
-
-    @property
-    def waste(self) -> float:
-        """Allocated-but-unfilled token slots / allocated slots (internal fragmentation)."""
-        return 0.0 if self.allocated_slots == 0 else 1.0 - self.filled_slots / self.allocated_slots
+from pagedjax.metrics import KVCacheStats
 
 
 def page_key(parent: bytes, token_ids: Sequence[int], extra_key: bytes = b"") -> bytes:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from pagedjax.config import ModelConfig
 from pagedjax.models.layers.linear import unpack_params
+from pagedjax.models.loaded_model import LoadedModel
 from pagedjax.models.params import resolve_dtype
 
 CONFIG_FILE = "pagedjax_config.json"
@@ -28,7 +29,7 @@ def is_checkpoint(path: str) -> bool:
     return os.path.isdir(path) and os.path.exists(os.path.join(path, CONFIG_FILE))
 
 
-def save_checkpoint(path: str, model) -> str:
+def save_checkpoint(path: str, model: LoadedModel) -> str:
     """Write `model` (a LoadedModel) to the folder `path` (created; must not hold a checkpoint)."""
     import orbax.checkpoint as ocp
 
@@ -43,12 +44,10 @@ def save_checkpoint(path: str, model) -> str:
     return path
 
 
-def load_checkpoint(path: str, dtype: str):
+def load_checkpoint(path: str, dtype: str) -> LoadedModel:
     """Restore a checkpoint written by save_checkpoint, casting matmul weights to `dtype`."""
     import orbax.checkpoint as ocp
     from transformers import AutoTokenizer
-
-    from pagedjax.models.loader import LoadedModel
 
     with open(os.path.join(path, CONFIG_FILE)) as f:
         meta = json.load(f)

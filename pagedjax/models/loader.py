@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any
 
 from pagedjax.config import ModelConfig
+from pagedjax.models.checkpoint import is_checkpoint, load_checkpoint
+from pagedjax.models.loaded_model import LoadedModel
 from pagedjax.models.params import build_params
 from pagedjax.models.registry import get_forward
-
-
-@dataclass
-class LoadedModel:
-    name: str
-    config: ModelConfig
-    params: dict
-    tokenizer: Any  # a transformers PreTrainedTokenizerFast
 
 
 def _find_gguf(path: str) -> str | None:
@@ -39,8 +31,6 @@ def load_model(model: str | None, dtype: str) -> LoadedModel:
         path, name = default_model_path(), DEFAULT_MODEL_NAME
     else:
         path, name = model, model
-    from pagedjax.models.checkpoint import is_checkpoint, load_checkpoint
-
     if is_checkpoint(path):
         loaded = load_checkpoint(path, dtype)
         get_forward(loaded.config)
@@ -68,3 +58,6 @@ def load_model(model: str | None, dtype: str) -> LoadedModel:
     return LoadedModel(
         name=name, config=config, params=build_params(tensors, config, dtype), tokenizer=tokenizer
     )
+
+
+__all__ = ["LoadedModel", "load_model"]  # LoadedModel: re-exported (defined in loaded_model.py)

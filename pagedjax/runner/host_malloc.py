@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import sys
+
+from pagedjax import envs
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 _M_MMAP_MAX = -4
@@ -31,7 +32,7 @@ def tune_host_malloc() -> bool:
     if "applied" in _state:
         return _state["applied"]
     applied = False
-    if sys.platform.startswith("linux") and os.environ.get("PAGEDJAX_MALLOC_TUNING", "1") != "0":
+    if sys.platform.startswith("linux") and envs.malloc_tuning():
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             mallopt = libc.mallopt

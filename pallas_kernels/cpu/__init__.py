@@ -17,10 +17,11 @@ A decode row's G query heads share every K/V row load (register-resident kernel 
 transposed once, broadcast-FMA scores, register-blocked P V). bf16 pools are read in place too (32 values
 per load, split into even/odd lanes, with queries permuted to match).
 
-Environment: `PAGEDJAX_CPU_KERNEL=0` disables it; `PAGEDJAX_KERNEL_CACHE=DIR` moves the build cache;
-`PAGEDJAX_CPU_ATTN_THREADS=N` uses at most N threads (1: the calling thread only);
-`PAGEDJAX_CPU_ATTN_GENERIC=1` forces the dot-product block kernel for every row (tests, tuning);
-`PAGEDJAX_CPU_ATTN_DEBUG=1` prints the work split of each call.
+Environment (every variable is listed in `pallas_kernels.cpu.envs`): `PAGEDJAX_CPU_KERNEL=0`
+disables it; `PAGEDJAX_KERNEL_CACHE=DIR` moves the build cache; `PAGEDJAX_CPU_ATTN_THREADS=N` uses
+at most N threads (1: the calling thread only); `PAGEDJAX_CPU_ATTN_GENERIC=1` forces the dot-product
+block kernel for every row (tests, tuning); `PAGEDJAX_CPU_ATTN_DEBUG=1` prints the work split of
+each call.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.cpu import envs
 from pallas_kernels.metadata import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -55,8 +57,7 @@ _state: dict[str, object] = {}  # "lib" | "error" once tried
 
 
 def _cache_dir() -> Path:
-    env = os.environ.get("PAGEDJAX_KERNEL_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "pagedjax" / "kernels"
+    return envs.kernel_cache_dir()
 
 
 def _compiler() -> str | None:
@@ -142,15 +143,16 @@ def load_once(
 ) -> ctypes.CDLL:
     """Load a kernel library the first time (state["lib"]) or fail the same way every time.
 
-    `env_switch=0` disables it; any failure (no compiler, build error, bad jaxlib, a check in
-    `loader`) is remembered in state["error"] and logged once, so callers fall back cleanly."""
+    `env_switch=0` (a default-on switch of `envs`) disables it; any failure (no compiler, build
+    error, bad jaxlib, a check in `loader`) is remembered in state["error"] and logged once, so
+    callers fall back cleanly."""
     with lock:
         if "lib" in state:
             return state["lib"]
         if "error" in state:
             raise RuntimeError(state["error"])
         try:
-            if os.environ.get(env_switch, "1") in ("0", "false", "off"):
+            if not envs.switch_enabled(env_switch):
                 raise RuntimeError(f"disabled by {env_switch}=0")
             state["lib"] = loader()
             return state["lib"]
@@ -158,6 +160,51 @@ def load_once(
             state["error"] = f"{what} unavailable: {e}"
             log.log(level, "%s", state["error"])
             raise RuntimeError(state["error"]) from e
+
+
+class KernelLibrary:
+    """The load-once / `is_available` / `unavailable_reason` boilerplate of one kernel module.
+
+    State lives in the module's own `_state` dict and `_lock` (looked up in `module_globals` at each
+    call, so a test may swap `module._state`); a module binds the methods as its functions:
+
+        _kernel = KernelLibrary(globals(), "CPU top-k kernel", "PAGEDJAX_CPU_TOPK", _load)
+        _ensure_loaded = _kernel.ensure_loaded
+        is_available = _kernel.is_available
+        unavailable_reason = _kernel.unavailable_reason
+    """
+
+    def __init__(
+        self,
+        module_globals: dict,
+        what: str,
+        env_switch: str,
+        loader: Callable[[], ctypes.CDLL],
+        level: int = logging.INFO,
+    ):
+        envs.variable(env_switch)  # a switch must be documented in envs.VARIABLES
+        self._globals = module_globals
+        self.what = what
+        self.env_switch = env_switch
+        self.loader = loader
+        self.level = level
+
+    def ensure_loaded(self) -> ctypes.CDLL:
+        """The loaded library; RuntimeError (the same every time) when it cannot load here."""
+        g = self._globals
+        return load_once(g["_state"], g["_lock"], self.what, self.env_switch, self.loader, self.level)
+
+    def is_available(self) -> bool:
+        """True when the kernel builds (or is cached) and loads here; builds it on first call."""
+        try:
+            self.ensure_loaded()
+            return True
+        except RuntimeError:
+            return False
+
+    def unavailable_reason(self) -> str | None:
+        """None when available, else why not (tries the load first)."""
+        return None if self.is_available() else str(self._globals["_state"].get("error"))
 
 
 WRITE_TARGET = "pagedjax_cpu_paged_attention_write"
@@ -170,21 +217,12 @@ def _load_attention() -> ctypes.CDLL:
     return lib
 
 
-def _ensure_loaded() -> ctypes.CDLL:
-    return load_once(_state, _lock, "CPU paged-attention kernel", "PAGEDJAX_CPU_KERNEL", _load_attention)
-
-
-def is_available() -> bool:
-    """True when the kernel builds (or is cached) and loads here; builds it on first call."""
-    try:
-        _ensure_loaded()
-        return True
-    except RuntimeError:
-        return False
-
-
-def unavailable_reason() -> str | None:
-    return None if is_available() else str(_state.get("error"))
+_kernel = KernelLibrary(
+    globals(), "CPU paged-attention kernel", "PAGEDJAX_CPU_KERNEL", _load_attention, logging.WARNING
+)
+_ensure_loaded = _kernel.ensure_loaded
+is_available = _kernel.is_available
+unavailable_reason = _kernel.unavailable_reason
 
 
 def paged_attention(
@@ -283,6 +321,7 @@ def paged_attention_with_kv_write(
 
 
 __all__ = [
+    "KernelLibrary",
     "build",
     "is_available",
     "load",

@@ -24,7 +24,6 @@ dot) where the CPU has neither. Usage::
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import cpu as _cpu
+from pallas_kernels.cpu import envs
 
 SOURCE = Path(__file__).with_name("amx_matmul.cc")
 TARGET = "pagedjax_cpu_amx_matmul"
@@ -123,7 +123,7 @@ KERNEL_NAMES = {2: "amx", 1: "avx512_bf16"}
 def _load_checked():
     lib = _cpu.load(FLAGS, TARGET, source=SOURCE, symbol=SYMBOL)
     jax.ffi.register_ffi_target(SWIGLU_TARGET, jax.ffi.pycapsule(getattr(lib, SWIGLU_SYMBOL)), platform="cpu")
-    if os.environ.get("PAGEDJAX_CPU_BF16_MATMUL", "auto") == "avx512":
+    if envs.bf16_matmul_forces_avx512():
         lib.pagedjax_cpu_bf16_matmul_force_dot(1)
     if not lib.pagedjax_cpu_bf16_matmul_kernel():
         raise RuntimeError("this CPU has neither AMX (amx_bf16, amx_tile, OS permission) nor AVX-512 BF16")
@@ -144,21 +144,11 @@ def force_dot_path(force: bool) -> None:
     _state["lib"].pagedjax_cpu_bf16_matmul_force_dot(int(force))
 
 
-def _ensure_loaded() -> None:
-    _cpu.load_once(_state, _lock, "CPU AMX matmul", "PAGEDJAX_CPU_AMX", _load_checked, logging.INFO)
-
-
-def is_available() -> bool:
-    """True when the kernel builds (or is cached), loads, and this CPU runs AMX or AVX-512 BF16."""
-    try:
-        _ensure_loaded()
-        return True
-    except RuntimeError:
-        return False
-
-
-def unavailable_reason() -> str | None:
-    return None if is_available() else str(_state.get("error"))
+# is_available(): the kernel builds (or is cached), loads, and this CPU runs AMX or AVX-512 BF16.
+_kernel = _cpu.KernelLibrary(globals(), "CPU AMX matmul", "PAGEDJAX_CPU_AMX", _load_checked, logging.INFO)
+_ensure_loaded = _kernel.ensure_loaded
+is_available = _kernel.is_available
+unavailable_reason = _kernel.unavailable_reason
 
 
 def amx_matmul(

@@ -32,26 +32,25 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-def _ensure_loaded() -> None:
-    _cpu.load_once(
-        _state,
-        _lock,
-        "CPU inverse-CDF sampling kernel",
-        "PAGEDJAX_CPU_SAMPLER",
-        lambda: _cpu.load(target=TARGET, source=SOURCE, symbol=SYMBOL),
-        logging.INFO,
-    )
+_kernel = _cpu.KernelLibrary(
+    globals(),
+    "CPU inverse-CDF sampling kernel",
+    "PAGEDJAX_CPU_SAMPLER",
+    lambda: _cpu.load(target=TARGET, source=SOURCE, symbol=SYMBOL),
+    logging.INFO,
+)
+_ensure_loaded = _kernel.ensure_loaded
 
 
 def is_available() -> bool:
     """True on the CPU backend when the kernel builds (or is cached) and loads here."""
+    return jax.default_backend() == "cpu" and _kernel.is_available()
+
+
+def unavailable_reason() -> str | None:
     if jax.default_backend() != "cpu":
-        return False
-    try:
-        _ensure_loaded()
-        return True
-    except RuntimeError:
-        return False
+        return f"the CPU kernel does not run on the {jax.default_backend()} backend"
+    return _kernel.unavailable_reason()
 
 
 def inverse_cdf(logits: jax.Array, temperature: jax.Array, thr: jax.Array, u: jax.Array) -> jax.Array:
@@ -67,4 +66,4 @@ def inverse_cdf(logits: jax.Array, temperature: jax.Array, thr: jax.Array, u: ja
     return call(jnp.asarray(logits, jnp.float32), f32(temperature), f32(thr), f32(u))
 
 
-__all__ = ["inverse_cdf", "is_available"]
+__all__ = ["inverse_cdf", "is_available", "unavailable_reason"]

@@ -80,21 +80,13 @@ def _load_checked():
     return lib
 
 
-def _ensure_loaded() -> None:
-    _cpu.load_once(_state, _lock, "CPU packed matmul", "PAGEDJAX_CPU_MATMUL", _load_checked, logging.INFO)
-
-
-def is_available() -> bool:
-    """True when the kernel builds (or is cached), loads and has its AVX-512 path here."""
-    try:
-        _ensure_loaded()
-        return True
-    except RuntimeError:
-        return False
-
-
-def unavailable_reason() -> str | None:
-    return None if is_available() else str(_state.get("error"))
+# is_available(): the kernel builds (or is cached), loads and has its AVX-512 path here.
+_kernel = _cpu.KernelLibrary(
+    globals(), "CPU packed matmul", "PAGEDJAX_CPU_MATMUL", _load_checked, logging.INFO
+)
+_ensure_loaded = _kernel.ensure_loaded
+is_available = _kernel.is_available
+unavailable_reason = _kernel.unavailable_reason
 
 
 def packed_matmul(

@@ -29,24 +29,16 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-def _ensure_loaded() -> None:
-    _cpu.load_once(
-        _state,
-        _lock,
-        "CPU top-k kernel",
-        "PAGEDJAX_CPU_TOPK",
-        lambda: _cpu.load(target=TARGET, source=SOURCE, symbol=SYMBOL),
-        logging.INFO,
-    )
-
-
-def is_available() -> bool:
-    """True when the kernel builds (or is cached) and loads here."""
-    try:
-        _ensure_loaded()
-        return True
-    except RuntimeError:
-        return False
+_kernel = _cpu.KernelLibrary(
+    globals(),
+    "CPU top-k kernel",
+    "PAGEDJAX_CPU_TOPK",
+    lambda: _cpu.load(target=TARGET, source=SOURCE, symbol=SYMBOL),
+    logging.INFO,
+)
+_ensure_loaded = _kernel.ensure_loaded
+is_available = _kernel.is_available
+unavailable_reason = _kernel.unavailable_reason
 
 
 def top_k_values(x: jax.Array, k: int) -> jax.Array:
@@ -61,4 +53,4 @@ def top_k_values(x: jax.Array, k: int) -> jax.Array:
     return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], k), jnp.float32))(x)
 
 
-__all__ = ["is_available", "top_k_values"]
+__all__ = ["is_available", "top_k_values", "unavailable_reason"]

@@ -27,9 +27,11 @@ TOKENS = 8
 
 
 class FaultySteps:
-    """Runner fault hook: fails the next `fail_next` steps, and sleeps `delay` s in every step."""
+    """Runner fault hook: after `skip` more steps, fails the next `fail_next` steps; sleeps `delay` s
+    in every step."""
 
     def __init__(self):
+        self.skip = 0
         self.fail_next = 0
         self.delay = 0.0
         self.lock = threading.Lock()
@@ -38,7 +40,9 @@ class FaultySteps:
         if self.delay:
             time.sleep(self.delay)
         with self.lock:
-            if self.fail_next:
+            if self.skip:
+                self.skip -= 1
+            elif self.fail_next:
                 self.fail_next -= 1
                 raise RuntimeError("injected fault")
 
@@ -136,9 +140,10 @@ def test_fault_amid_concurrent_requests_keeps_serving(served):
     async def burst():
         async with httpx.AsyncClient(timeout=60) as c:
             tasks = [asyncio.create_task(c.post(f"{url}/v1/completions", json=_body())) for _ in range(8)]
-            await asyncio.sleep(0.05)
-            hook.fail_next = 1
             return await asyncio.gather(*tasks)
+
+    with hook.lock:
+        hook.skip, hook.fail_next = 2, 1  # the burst's third step fails
 
     responses = asyncio.run(burst())
     codes = sorted(r.status_code for r in responses)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pagedjax.platform import default_matmul_backend, matmul_kernel_module
 from pallas_kernels.cpu.amx_matmul import (
     AmxPackedWeight,
     amx_matmul,
@@ -105,23 +106,12 @@ def lm_head(h: jax.Array, params: dict) -> jax.Array:
     )
 
 
-def _kernel_for(dtype):
-    """The packed-weight kernel module for weights of `dtype`, or None (no kernel for it)."""
-    if jnp.dtype(dtype) == jnp.float32:
-        from pallas_kernels.cpu import packed_matmul as kernel
-    elif jnp.dtype(dtype) == jnp.bfloat16:
-        from pallas_kernels.cpu import amx_matmul as kernel
-    else:
-        return None
-    return kernel
-
-
 def resolve_matmul_backend(name: str, params: dict, platform: str | None = None) -> str:
     """Map "auto" to "cpu" or "xla" (see the module docstring); validate explicit names."""
     if name not in MATMUL_BACKENDS:
         raise ValueError(f"matmul_backend must be one of {MATMUL_BACKENDS}, got {name!r}")
     dtype = params["layers"]["wqkv"].dtype
-    kernel = _kernel_for(dtype)
+    kernel = matmul_kernel_module(dtype)
     if name == "cpu":
         if kernel is None:
             raise ValueError(f"matmul_backend='cpu' packs float32 or bfloat16 weights, not {dtype}")
@@ -130,10 +120,7 @@ def resolve_matmul_backend(name: str, params: dict, platform: str | None = None)
         return "cpu"
     if name == "xla":
         return "xla"
-    platform = platform or jax.default_backend()
-    if platform != "cpu" or kernel is None:
-        return "xla"
-    return "cpu" if kernel.is_available() else "xla"
+    return default_matmul_backend(dtype, platform)
 
 
 def pack_params(params: dict) -> dict:
