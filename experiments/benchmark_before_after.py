@@ -41,10 +41,13 @@ def run_once(checkout: Path, bench_args: list[str], log) -> dict:
     (res,) = [r for r in doc["results"] if r["engine"] == "pagedjax"]
     if res.get("error"):
         raise RuntimeError(f"{checkout}: {res['error']}")
+    after_timed = (res.get("metrics") or {}).get("after_timed") or {}
     return {
         "total_tok_per_s": res["total_tok_per_s"],
         "output_tok_per_s": res["output_tok_per_s"],
         "elapsed_s": res["elapsed_s"],
+        "load_s": res.get("load_s"),  # model load + warm-up compiles (start-up)
+        "num_compiles": after_timed.get("num_compiles"),
         "workload": doc["workload"],
     }
 
@@ -95,12 +98,19 @@ def main(argv: list[str] | None = None) -> int:
     own = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--before", required=True, type=Path, help="the older checkout (a git worktree)")
+    p.add_argument(
+        "--after",
+        type=Path,
+        default=HERE.parent,
+        help="the newer checkout (default: this one; give a "
+        "worktree of a commit when this one is being edited during the run)",
+    )
     p.add_argument("--rounds", type=int, default=2, help="runs of each checkout, alternating")
     p.add_argument("--output-json", type=Path, default=RESULTS / "before_after.json")
     p.add_argument("--plot", type=Path, default=RESULTS / "before_after.png")
     p.add_argument("--log", type=Path, default=Path(tempfile.gettempdir()) / "before_after.log")
     args = p.parse_args(own)
-    after = HERE.parent
+    after = args.after.resolve()
     runs: dict[str, list[dict]] = {"before": [], "after": []}
     with open(args.log, "w") as log:
         for i in range(args.rounds):
@@ -111,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                 rate, took = r["total_tok_per_s"], time.time() - t0
                 print(f"round {i + 1} {side:6s} {rate:8.1f} total tok/s ({took:.0f} s)")
     med = {s: statistics.median(r["total_tok_per_s"] for r in runs[s]) for s in runs}
+    startup = {s: statistics.median(r["load_s"] for r in runs[s] if r["load_s"] is not None) for s in runs}
+    compiles = {s: sorted({r["num_compiles"] for r in runs[s]}, key=str) for s in runs}
     pairs = [
         a["total_tok_per_s"] / b["total_tok_per_s"]
         for a, b in zip(runs["after"], runs["before"], strict=True)
@@ -126,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         "median_total_tok_per_s": med,
         "ratio_of_medians": med["after"] / med["before"],
         "ratios_pair_by_pair": pairs,
+        "median_startup_s": startup,
+        "num_compiles": compiles,
     }
     for side in runs:
         for r in runs[side]:
@@ -135,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(report, args.plot)
     print(f"median total tok/s: before {med['before']:.1f}, after {med['after']:.1f}")
     print(f"after / before: {report['ratio_of_medians']:.3f} (pairs: {', '.join(f'{x:.3f}' for x in pairs)})")
+    print(f"start-up (load + warm-up) median s: {startup}; compiles: {compiles}")
     print(f"wrote {args.output_json} and {args.plot}")
     return 0
 
