@@ -118,7 +118,7 @@ def test_auto_backends_match_the_engine():
                 "auto", plat, **shape
             )
     for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
-        params = {"layers": {"wqkv": jnp.zeros((2, 2), dtype)}}
+        params = {"layers": {"qkv_proj": {"kernel": jnp.zeros((2, 2), dtype)}}}
         for plat in (None, "cpu", "gpu"):
             assert platform.default_matmul_backend(dtype, plat) == resolve_matmul_backend(
                 "auto", params, plat

@@ -13,13 +13,10 @@ import dataclasses
 import json
 import os
 
-import jax
-import jax.numpy as jnp
-
 from pagedjax.config import ModelConfig
 from pagedjax.models.layers.linear import unpack_params
 from pagedjax.models.loaded_model import LoadedModel
-from pagedjax.models.params import resolve_dtype
+from pagedjax.models.params import cast_state
 
 CONFIG_FILE = "pagedjax_config.json"
 PARAMS_DIR = "params"
@@ -36,7 +33,8 @@ def save_checkpoint(path: str, model: LoadedModel) -> str:
     path = os.path.abspath(path)
     os.makedirs(path, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(path, PARAMS_DIR), unpack_params(model.params))
+        params = unpack_params(model.params, model.config.tie_word_embeddings)
+        ckptr.save(os.path.join(path, PARAMS_DIR), params)
     cfg = dataclasses.asdict(model.config)
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
         json.dump({"name": model.name, "config": cfg}, f, indent=2)
@@ -59,16 +57,7 @@ def load_checkpoint(path: str, dtype: str) -> LoadedModel:
     config = ModelConfig(**cfg)
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(os.path.join(os.path.abspath(path), PARAMS_DIR))
-    dt = resolve_dtype(dtype)
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, x: jnp.asarray(x, jnp.float32 if _is_float32_leaf(p) else dt), params
-    )
+    params = cast_state(params, dtype)
     return LoadedModel(
         name=meta["name"], config=config, params=params, tokenizer=AutoTokenizer.from_pretrained(path)
     )
-
-
-def _is_float32_leaf(path) -> bool:
-    """Norm weights and biases stay float32 (see models/params.py)."""
-    name = str(path[-1].key) if hasattr(path[-1], "key") else str(path[-1])
-    return name in ("attn_norm", "mlp_norm", "bqkv", "final_norm")

@@ -1,155 +1,182 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2) as a pure function over a parameter pytree.
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2) as Flax `nnx` modules.
 
 One call runs one engine step: a flat batch of tokens from many sequences (decodes and prefill
 chunks together), writes their K/V into the global page pool, attends through the pool, and returns
-logits only for the rows the sampler needs. Layers run under `lax.scan` over stacked weights: one
-traced layer body, so compiles stay short however deep the model is.
+logits only for the rows the sampler needs. The decoder layers' weights are stacked on a leading
+"layers" axis and run under `lax.scan`: one traced layer body, so compiles stay short however deep
+the model is.
 
-Matmuls (models/layers/linear.py) accumulate in float32, through XLA's dot or, on CPU, a packed-weight
-kernel; the residual stream, norms, RoPE and softmax stay in float32.
+The engine runs the module functionally (`pagedjax/models/functional.py`): the state is a plain
+dict of arrays passed to `jax.jit`, bound to the module inside the traced step. Matmuls go through
+`Linear` (float32 accumulation, XLA's dot or a packed-weight CPU kernel); the residual stream,
+norms, RoPE and softmax stay in float32.
+
+Another architecture subclasses `LlamaDecoderLayers` / `LlamaForCausalLM` where it differs (see
+`qwen3.py` and docs/adding_a_model.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 from jax import lax
 
 from pagedjax.config import ModelConfig
-from pagedjax.models.layers.linear import linear, lm_head, split_layer_weights, swiglu_mlp_input
-from pagedjax.models.layers.norm import rms_norm
+from pagedjax.models.layers.attention import paged_attention
+from pagedjax.models.layers.embedding import Embedding
+from pagedjax.models.layers.linear import Linear
+from pagedjax.models.layers.mlp import GatedMLP
+from pagedjax.models.layers.norm import RMSNorm
 from pagedjax.models.layers.rope import apply_rope, inverse_frequencies, rope_tables
-from pallas_kernels import AttentionMetadata, write_kv
+from pagedjax.models.params import cast_state, hf_tensor, stack_layers
+from pagedjax.models.step_inputs import AttentionOps, StepInputs
 
 
-@jax.tree_util.register_dataclass
-@dataclass
-class StepInputs:
-    """Device arrays of one step (shapes fixed by the step's bucket)."""
+class LlamaDecoderLayers(nnx.Module):
+    """Every decoder layer at once: pre-norm attention and pre-norm SwiGLU MLP, weights stacked."""
 
-    token_ids: jax.Array  # i32[T]
-    positions: jax.Array  # i32[T]
-    slot_pages: jax.Array  # i32[T]  page of each token's K/V slot (num_pages for padding)
-    slot_offsets: jax.Array  # i32[T] offset inside that page
-    logits_indices: jax.Array  # i32[S] rows whose logits are needed (padding: any valid row)
-    attention: AttentionMetadata
-    # Rows [v0, v1) and [v2, v3) hold real tokens (the step's decodes, then its packed prefill
-    # tokens); the rest pad the bucket. Matmul kernels may skip padding rows. None: all rows.
-    valid_rows: jax.Array | None = None  # i32[4]
+    def __init__(self, config: ModelConfig, dtype):
+        c, L = config, config.num_layers
+        self.config = c
+        self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, num_layers=L)
+        qkv = c.q_size + 2 * c.kv_size
+        self.qkv_proj = Linear(
+            c.hidden_size, qkv, dtype, num_layers=L, use_bias=c.attention_bias, axes=("embed", "qkv")
+        )
+        self.o_proj = Linear(c.q_size, c.hidden_size, dtype, num_layers=L, axes=("heads", "embed"))
+        self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, num_layers=L)
+        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, dtype, num_layers=L)
 
-
-def compute_logits(params: dict, config: ModelConfig, hidden: jax.Array) -> jax.Array:
-    """Final norm + LM head (tied embeddings reuse the embedding matrix) -> float32 logits."""
-    return lm_head(rms_norm(hidden, params["final_norm"], config.rms_norm_eps), params)
-
-
-def forward_hidden(
-    params: dict,
-    config: ModelConfig,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
-    inputs: StepInputs,
-    attention_fn: Callable,
-    write_kv_fn: Callable = write_kv,
-    fused_attention_fn: Callable | None = None,
-    keep_rows: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Run all layers over the step's tokens. Returns (hidden f32, k_cache, v_cache).
-
-    The hidden states are [T, H], or [len(keep_rows), H] for just the rows `keep_rows` when given:
-    then the last layer still writes every token's K/V but runs its output projection and MLP only
-    for those rows (a prefill chunk needs the last layer's residual stream only at its last token:
-    ~7% fewer matmul FLOPs per prompt token on a 12-layer model).
-
-    `attention_fn` and `write_kv_fn` come from one attention backend (pallas_kernels.get_attention_backend
-    / get_kv_writer); both have the signatures of the plain-XLA reference."""
-    c = config
-    inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling_dict)
-    cos, sin = rope_tables(inputs.positions, inv_freq)  # once per step, shared by all layers
-    scale = c.head_dim**-0.5
-    T = inputs.token_ids.shape[0]
-    h0 = params["embed"][inputs.token_ids].astype(jnp.float32)
-    meta = inputs.attention
-
-    sliced, whole = split_layer_weights(params["layers"])
-    rows = inputs.valid_rows
-
-    def attention_half(h, kc, vc, w, idx):
-        """Norm, QKV, RoPE, K/V write and attention of every token: ([T, q_size], caches)."""
-        x = rms_norm(h, w["attn_norm"], c.rms_norm_eps)
-        qkv = linear(x, w["wqkv"], idx, rows)
-        if "bqkv" in w:
-            qkv = qkv + w["bqkv"]
-        q, k, v = jnp.split(qkv, [c.q_size, c.q_size + c.kv_size], axis=-1)
+    def project_qkv(self, x, layer, rows, cos, sin):
+        """Normed hidden states -> rotated q [T, Hq, D], k [T, Hkv, D] and v [T, Hkv, D]."""
+        c, T = self.config, x.shape[0]
+        q, k, v = jnp.split(self.qkv_proj(x, layer, rows), [c.q_size, c.q_size + c.kv_size], axis=-1)
         q = apply_rope(q.reshape(T, c.num_heads, c.head_dim), cos, sin)
         k = apply_rope(k.reshape(T, c.num_kv_heads, c.head_dim), cos, sin)
-        v = v.reshape(T, c.num_kv_heads, c.head_dim)
-        if fused_attention_fn is not None:  # the backend writes K/V inside its attention kernel
-            attn, kc, vc = fused_attention_fn(
-                q,
-                kc,
-                vc,
-                idx,
-                meta,
-                k,
-                v,
-                inputs.slot_pages,
-                inputs.slot_offsets,
-                scale=scale,
-                sliding_window=c.sliding_window,
-            )
-        else:
-            kc, vc = write_kv_fn(kc, vc, idx, k, v, inputs.slot_pages, inputs.slot_offsets)
-            attn = attention_fn(q, kc, vc, idx, meta, scale=scale, sliding_window=c.sliding_window)
-        return attn.reshape(T, c.q_size), kc, vc
+        return q, k, v.reshape(T, c.num_kv_heads, c.head_dim)
 
-    def output_half(h, attn, w, idx, valid_rows):
+    def attention_half(self, h, k_cache, v_cache, layer, inputs: StepInputs, ops: AttentionOps, cos, sin):
+        """Norm, QKV, RoPE, K/V write and attention of every token: ([T, q_size], caches)."""
+        c = self.config
+        x = self.attn_norm(h, layer)
+        q, k, v = self.project_qkv(x, layer, inputs.valid_rows, cos, sin)
+        scale, window = c.head_dim**-0.5, c.sliding_window
+        attn, k_cache, v_cache = paged_attention(
+            q, k, v, k_cache, v_cache, layer, inputs, ops, scale=scale, sliding_window=window
+        )
+        return attn.reshape(h.shape[0], c.q_size), k_cache, v_cache
+
+    def output_half(self, h, attn, layer, valid_rows):
         """Output projection + residual, then the MLP block + residual."""
-        h = h + linear(attn, w["wo"], idx, valid_rows)
-        x = rms_norm(h, w["mlp_norm"], c.rms_norm_eps)
-        act = swiglu_mlp_input(x, w["w_gate_up"], idx, valid_rows)
-        return h + linear(act, w["w_down"], idx, valid_rows)
-
-    def weights(idx):
-        return {**jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, idx, keepdims=False), sliced), **whole}
-
-    def layer(carry, idx):
-        h, kc, vc = carry
-        w = weights(idx)
-        attn, kc, vc = attention_half(h, kc, vc, w, idx)
-        return (output_half(h, attn, w, idx, rows), kc, vc), None
-
-    prune = keep_rows is not None and keep_rows.shape[0] < T
-    scanned = c.num_layers - 1 if prune else c.num_layers
-    layer_ids = jnp.arange(scanned, dtype=jnp.int32)
-    (h, k_cache, v_cache), _ = lax.scan(layer, (h0, k_cache, v_cache), layer_ids)
-    if prune:
-        idx = jnp.int32(c.num_layers - 1)
-        w = weights(idx)
-        attn, k_cache, v_cache = attention_half(h, k_cache, v_cache, w, idx)
-        h = output_half(h[keep_rows], attn[keep_rows], w, idx, None)
-    elif keep_rows is not None:
-        h = h[keep_rows]
-    return h, k_cache, v_cache
+        h = h + self.o_proj(attn, layer, valid_rows)
+        return h + self.mlp(self.mlp_norm(h, layer), layer, valid_rows)
 
 
-def forward(
-    params: dict,
-    config: ModelConfig,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
-    inputs: StepInputs,
-    attention_fn: Callable,
-    all_logits: bool = False,
-    write_kv_fn: Callable = write_kv,
-    fused_attention_fn: Callable | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One step: returns (logits f32[S, V] at `logits_indices` — or [T, V] if all_logits —, caches)."""
-    keep = None if all_logits else inputs.logits_indices
-    h, k_cache, v_cache = forward_hidden(
-        params, config, k_cache, v_cache, inputs, attention_fn, write_kv_fn, fused_attention_fn, keep
-    )
-    return compute_logits(params, config, h), k_cache, v_cache
+class LlamaForCausalLM(nnx.Module):
+    """Embedding, the stacked decoder layers, final norm and LM head (or the tied embedding)."""
+
+    decoder_layers = LlamaDecoderLayers
+    # Kernels holding a fused [gate | up] SwiGLU weight (see layers.linear.pack_params).
+    swiglu_kernels: tuple[tuple[str, ...], ...] = (("layers", "mlp", "gate_up_proj", "kernel"),)
+
+    def __init__(self, config: ModelConfig, dtype=jnp.float32, *, lm_head: bool | None = None):
+        """`lm_head`: give the model an explicit LM head (default: unless embeddings are tied; a
+        tied model gets one when the CPU matmul kernel holds a packed copy of the embedding)."""
+        c = config
+        self.config = c
+        self.embed = Embedding(c.vocab_size, c.hidden_size, dtype)
+        self.layers = self.decoder_layers(c, dtype)
+        self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        if lm_head is None:
+            lm_head = not c.tie_word_embeddings
+        head = Linear(c.hidden_size, c.vocab_size, dtype, axes=("embed", "vocab")) if lm_head else None
+        self.lm_head = nnx.data(head)
+
+    # ------------------------------------------------------------------------------ the step
+    def __call__(
+        self, k_cache, v_cache, inputs: StepInputs, ops: AttentionOps, all_logits: bool = False
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """One step: (logits f32[S, V] at `logits_indices` — or [T, V] if all_logits —, caches)."""
+        keep = None if all_logits else inputs.logits_indices
+        h, k_cache, v_cache = self.hidden_states(k_cache, v_cache, inputs, ops, keep)
+        return self.compute_logits(h), k_cache, v_cache
+
+    def hidden_states(self, k_cache, v_cache, inputs: StepInputs, ops: AttentionOps, keep_rows=None):
+        """Run all layers over the step's tokens. Returns (hidden f32, k_cache, v_cache).
+
+        The hidden states are [T, H], or [len(keep_rows), H] for just the rows `keep_rows` when
+        given: then the last layer still writes every token's K/V but runs its output projection
+        and MLP only for those rows (a prefill chunk needs the last layer's residual stream only at
+        its last token: ~7% fewer matmul FLOPs per prompt token on a 12-layer model)."""
+        c, layers = self.config, self.layers
+        inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling_dict)
+        cos, sin = rope_tables(inputs.positions, inv_freq)  # once per step, shared by all layers
+        T = inputs.token_ids.shape[0]
+        h0 = self.embed(inputs.token_ids)
+        rows = inputs.valid_rows
+
+        def layer(carry, idx):
+            h, kc, vc = carry
+            attn, kc, vc = layers.attention_half(h, kc, vc, idx, inputs, ops, cos, sin)
+            return (layers.output_half(h, attn, idx, rows), kc, vc), None
+
+        prune = keep_rows is not None and keep_rows.shape[0] < T
+        scanned = c.num_layers - 1 if prune else c.num_layers
+        layer_ids = jnp.arange(scanned, dtype=jnp.int32)
+        (h, k_cache, v_cache), _ = lax.scan(layer, (h0, k_cache, v_cache), layer_ids)
+        if prune:
+            idx = jnp.int32(c.num_layers - 1)
+            attn, k_cache, v_cache = layers.attention_half(h, k_cache, v_cache, idx, inputs, ops, cos, sin)
+            h = layers.output_half(h[keep_rows], attn[keep_rows], idx, None)
+        elif keep_rows is not None:
+            h = h[keep_rows]
+        return h, k_cache, v_cache
+
+    def compute_logits(self, h: jax.Array) -> jax.Array:
+        """Final norm + LM head (tied embeddings reuse the embedding matrix) -> float32 logits."""
+        x = self.final_norm(h)
+        return self.lm_head(x) if self.lm_head is not None else self.embed.attend(x)
+
+    # ------------------------------------------------------------------------------ loading
+    @classmethod
+    def layer_tensors(cls, tensors: Mapping[str, np.ndarray], config: ModelConfig, i: int) -> dict:
+        """Layer `i`'s weights from Hugging Face names, in this module's state layout (x @ W)."""
+        p = f"model.layers.{i}."
+
+        def get(name):
+            return hf_tensor(tensors, p + name)
+
+        q, k, v = (get(f"self_attn.{n}_proj.weight") for n in "qkv")
+        out = {
+            "attn_norm": {"scale": get("input_layernorm.weight")},
+            "qkv_proj": {"kernel": np.concatenate([q, k, v], axis=0).T},
+            "o_proj": {"kernel": get("self_attn.o_proj.weight").T},
+            "mlp_norm": {"scale": get("post_attention_layernorm.weight")},
+            "mlp": {
+                "gate_up_proj": {
+                    "kernel": np.concatenate([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")]).T
+                },
+                "down_proj": {"kernel": get("mlp.down_proj.weight").T},
+            },
+        }
+        if config.attention_bias:
+            out["qkv_proj"]["bias"] = np.concatenate([get(f"self_attn.{n}_proj.bias") for n in "qkv"])
+        return out
+
+    @classmethod
+    def state_from_hf(cls, tensors: Mapping[str, np.ndarray], config: ModelConfig, dtype) -> dict:
+        """The module state (a nested dict of arrays) from Hugging Face-named tensors: the layers
+        stacked, q/k/v and gate/up fused (fewer, larger matmuls), kernels and embedding in `dtype`,
+        norm scales and biases float32."""
+        state = {
+            "embed": {"embedding": hf_tensor(tensors, "model.embed_tokens.weight")},
+            "layers": stack_layers([cls.layer_tensors(tensors, config, i) for i in range(config.num_layers)]),
+            "final_norm": {"scale": hf_tensor(tensors, "model.norm.weight")},
+        }
+        if not config.tie_word_embeddings:
+            state["lm_head"] = {"kernel": hf_tensor(tensors, "lm_head.weight").T}
+        return cast_state(state, dtype)

@@ -7,8 +7,7 @@ import os
 from pagedjax.config import ModelConfig
 from pagedjax.models.checkpoint import is_checkpoint, load_checkpoint
 from pagedjax.models.loaded_model import LoadedModel
-from pagedjax.models.params import build_params
-from pagedjax.models.registry import get_forward
+from pagedjax.models.registry import build_params, get_model_class
 
 
 def _find_gguf(path: str) -> str | None:
@@ -33,7 +32,7 @@ def load_model(model: str | None, dtype: str) -> LoadedModel:
         path, name = model, model
     if is_checkpoint(path):
         loaded = load_checkpoint(path, dtype)
-        get_forward(loaded.config)
+        get_model_class(loaded.config)
         return loaded
     gguf_path = _find_gguf(path)
     if gguf_path is not None:
@@ -41,13 +40,13 @@ def load_model(model: str | None, dtype: str) -> LoadedModel:
 
         ckpt = read_gguf(gguf_path)
         config = ModelConfig.from_hf_config(ckpt.hf_config)
-        get_forward(config)
+        get_model_class(config)
         tensors, tokenizer = ckpt.tensors, load_gguf_tokenizer(gguf_path)
     elif loader_hf.is_hf_folder(path):
         from transformers import AutoTokenizer
 
         config = ModelConfig.from_hf_config(loader_hf.read_hf_config(path))
-        get_forward(config)  # fail on an unsupported architecture before reading weights
+        get_model_class(config)  # fail on an unsupported architecture before reading weights
         tensors = loader_hf.read_hf_tensors(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
     else:

@@ -2,7 +2,7 @@
 
     ckpt = read_gguf("model.gguf")
     config = ModelConfig.from_hf_config(ckpt.hf_config)
-    params = build_params(ckpt.tensors, config, "float32")
+    params = build_params(ckpt.tensors, config, "float32")  # pagedjax.models.registry
     tokenizer = load_gguf_tokenizer("model.gguf")
 
 What differs from a Hugging Face checkpoint, and is undone here:

@@ -1,19 +1,26 @@
-"""Which Hugging Face `architectures` pagedjax can run, and the forward function for each."""
+"""Which Hugging Face `architectures` pagedjax can run: one `nnx` module class for each."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+
+import numpy as np
+from flax import nnx
 
 from pagedjax.config import ModelConfig
-from pagedjax.models import llama
+from pagedjax.models.functional import make_forward
+from pagedjax.models.llama import LlamaForCausalLM
+from pagedjax.models.qwen3 import Qwen3ForCausalLM
 
-# All of these are the same decoder; differences (GQA, QKV bias, tied embeddings, RoPE scaling,
-# sliding window) are fields of ModelConfig.
-_ARCHITECTURES: dict[str, Callable] = {
-    "LlamaForCausalLM": llama.forward,
-    "MistralForCausalLM": llama.forward,
-    "Qwen2ForCausalLM": llama.forward,
+# Llama, Mistral and Qwen2 are the same decoder; their differences (GQA, QKV bias, tied
+# embeddings, RoPE scaling, sliding window) are fields of ModelConfig.
+_ARCHITECTURES: dict[str, type[nnx.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
+_FORWARDS: dict[type, Callable] = {}
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -24,7 +31,7 @@ def supported_architectures() -> list[str]:
     return sorted(_ARCHITECTURES)
 
 
-def get_forward(config: ModelConfig) -> Callable:
+def get_model_class(config: ModelConfig) -> type[nnx.Module]:
     try:
         return _ARCHITECTURES[config.architecture]
     except KeyError:
@@ -32,3 +39,16 @@ def get_forward(config: ModelConfig) -> Callable:
             f"architecture {config.architecture!r} is not supported; "
             f"supported: {', '.join(supported_architectures())}"
         ) from None
+
+
+def get_forward(config: ModelConfig) -> Callable:
+    """The pure step function of the config's architecture (see models/functional.py)."""
+    cls = get_model_class(config)
+    if cls not in _FORWARDS:
+        _FORWARDS[cls] = make_forward(cls)
+    return _FORWARDS[cls]
+
+
+def build_params(tensors: Mapping[str, np.ndarray], config: ModelConfig, dtype) -> dict:
+    """The model state (nested dict of arrays) from Hugging Face-named tensors."""
+    return get_model_class(config).state_from_hf(tensors, config, dtype)

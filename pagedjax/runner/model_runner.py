@@ -21,9 +21,9 @@ from pagedjax.config import CacheConfig, ModelConfig, SchedulerConfig
 from pagedjax.core.model_output import ModelOutput
 from pagedjax.core.scheduler import SchedulerOutput
 from pagedjax.models.layers.linear import pack_params, resolve_matmul_backend
-from pagedjax.models.llama import StepInputs
 from pagedjax.models.params import resolve_dtype
-from pagedjax.models.registry import get_forward
+from pagedjax.models.registry import get_forward, get_model_class
+from pagedjax.models.step_inputs import StepInputs
 from pagedjax.runner.buckets import BucketPolicy, StepShape
 from pagedjax.runner.host_malloc import tune_host_malloc
 from pagedjax.runner.kv_cache import allocate_kv_cache, num_pages_for
@@ -66,7 +66,8 @@ class ModelRunner:
         if jax.default_backend() == "cpu":
             tune_host_malloc()  # reuse step buffers above 32 MiB instead of faulting them in anew
         self.matmul_backend = resolve_matmul_backend(matmul_backend, params)
-        self.params = pack_params(params) if self.matmul_backend == "cpu" else params
+        swiglu = get_model_class(config).swiglu_kernels
+        self.params = pack_params(params, swiglu) if self.matmul_backend == "cpu" else params
         self.block_size = cache.block_size
         self.cache_dtype = resolve_dtype(cache.cache_dtype or dtype)
         pages_per_seq = -(-sched.max_model_len // cache.block_size)

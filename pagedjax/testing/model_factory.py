@@ -303,6 +303,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "mistral": ("MistralForCausalLM", {"sliding_window": None}),
     "qwen2": ("Qwen2ForCausalLM", {"use_sliding_window": False, "sliding_window": None}),
+    "qwen3": ("Qwen3ForCausalLM", {"use_sliding_window": False, "sliding_window": None}),
     "mqa": ("LlamaForCausalLM", {"num_key_value_heads": 1}),
     "tied": ("LlamaForCausalLM", {"tie_word_embeddings": True}),
 }
@@ -325,6 +326,7 @@ _CONFIG_CLASSES = {
     "LlamaForCausalLM": "LlamaConfig",
     "MistralForCausalLM": "MistralConfig",
     "Qwen2ForCausalLM": "Qwen2Config",
+    "Qwen3ForCausalLM": "Qwen3Config",
 }
 
 

@@ -91,9 +91,10 @@ def test_portable_build_without_avx512():
 def test_backend_resolution(monkeypatch):
     from pallas_kernels.cpu import amx_matmul as amx
 
-    f32 = {"layers": {"wqkv": jnp.zeros((1, 2, 2), jnp.float32)}}
-    bf16 = {"layers": {"wqkv": jnp.zeros((1, 2, 2), jnp.bfloat16)}}
-    f16 = {"layers": {"wqkv": jnp.zeros((1, 2, 2), jnp.float16)}}
+    def state(dtype):
+        return {"layers": {"qkv_proj": {"kernel": jnp.zeros((1, 2, 2), dtype)}}}
+
+    f32, bf16, f16 = state(jnp.float32), state(jnp.bfloat16), state(jnp.float16)
     assert resolve_matmul_backend("auto", f32, platform="cpu") == "cpu"
     # bfloat16 weights: the AMX kernel where this CPU has AMX, else XLA's dot.
     assert resolve_matmul_backend("auto", bf16, platform="cpu") == ("cpu" if amx.is_available() else "xla")
@@ -126,9 +127,10 @@ def test_pack_params_round_trip(model_dir, dtype):
     for tie in (False, True):
         params = load_model(model_dir("llama", tie_word_embeddings=tie), dtype).params
         packed = pack_params(params)
-        assert isinstance(packed["layers"]["w_down"], packed_type)
-        assert ("lm_head_packed" in packed) == tie
-        back = unpack_params(packed)
+        assert isinstance(packed["layers"]["mlp"]["down_proj"]["kernel"], packed_type)
+        assert isinstance(packed["lm_head"]["kernel"], packed_type)  # tied: a packed copy of embed.T
+        assert ("lm_head" in params) != tie
+        back = unpack_params(packed, tie_word_embeddings=tie)
         assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params)
         for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(params), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -153,7 +155,8 @@ def test_engine_outputs_match_xla_dot(model_dir, variant, dtype):
         assert llm.llm_engine.runner.matmul_backend == backend
         layers = llm.llm_engine.runner.params["layers"]
         if backend == "cpu" and dtype == "bfloat16":
-            assert isinstance(layers["wqkv"], amx.AmxPackedWeight) and layers["w_gate_up"].swiglu
+            assert isinstance(layers["qkv_proj"]["kernel"], amx.AmxPackedWeight)
+            assert layers["mlp"]["gate_up_proj"]["kernel"].swiglu
         runs[backend] = llm.generate(prompts, sp, use_tqdm=False)
     tol = 1e-4 if dtype == "float32" else 2e-3
     for a, b in zip(runs["xla"], runs["cpu"], strict=True):
@@ -197,13 +200,19 @@ def test_float32_dots_ask_for_full_precision():
     """XLA's default precision for float32 dots on a GPU is a reduced TF32/bf16 pass (~1e-3 off on an
     H100, which broke the float32 HF-parity tests there): float32 weights ask for HIGHEST, bf16
     weights keep the default; the attention reference's einsums ask for HIGHEST too."""
-    from pagedjax.models.layers.linear import linear, lm_head
+    from pagedjax.models.layers.embedding import Embedding
+    from pagedjax.models.layers.linear import linear
     from pallas_kernels import reference
+
+    def tied_head(x, w):
+        table = Embedding(w.shape[1], w.shape[0], w.dtype)
+        table.embedding.set_value(w.T)
+        return table.attend(x)
 
     x = jnp.ones((4, 8), jnp.float32)
     for dtype, want in ((jnp.float32, "HIGHEST"), (jnp.bfloat16, None)):
         w = jnp.ones((8, 16), dtype)
-        for fn in (lambda x, w: linear(x, w), lambda x, w: lm_head(x, {"embed": w.T})):
+        for fn in (lambda x, w: linear(x, w), tied_head):
             eqns = [e for e in jax.make_jaxpr(fn)(x, w).eqns if e.primitive.name == "dot_general"]
             assert eqns, "no dot_general traced"
             precision = eqns[0].params["precision"]

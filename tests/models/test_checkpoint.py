@@ -24,8 +24,8 @@ def test_orbax_checkpoint_round_trip(model_dir, tmp_path):
     restored = LLM(ckpt, **kw)
     # The engine may hold packed weights (matmul_backend "cpu"): compare the logical ones.
     for a, b in zip(
-        np.asarray(unpack_params(src.llm_engine.model.params)["layers"]["wqkv"]).ravel()[:1000],
-        np.asarray(unpack_params(restored.llm_engine.model.params)["layers"]["wqkv"]).ravel()[:1000],
+        np.asarray(_qkv(src.llm_engine.model)).ravel()[:1000],
+        np.asarray(_qkv(restored.llm_engine.model)).ravel()[:1000],
         strict=True,
     ):
         assert a == b
@@ -35,3 +35,7 @@ def test_orbax_checkpoint_round_trip(model_dir, tmp_path):
     b = [o.outputs[0].token_ids for o in restored.generate(prompts, sp, use_tqdm=False)]
     assert a == b
     assert restored.llm_engine.model.config == src.llm_engine.model.config
+
+
+def _qkv(model):
+    return unpack_params(model.params, model.config.tie_word_embeddings)["layers"]["qkv_proj"]["kernel"]

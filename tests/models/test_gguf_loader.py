@@ -163,11 +163,11 @@ def test_tensors_match_transformers(ckpt, hf_state_dict):
 
 @needs_default_model
 def test_builds_params(ckpt):
-    from pagedjax.models.params import build_params
+    from pagedjax.models.registry import build_params
 
     cfg = ModelConfig.from_hf_config(ckpt.hf_config)
     params = build_params(ckpt.tensors, cfg, "float32")
-    assert params["layers"]["wqkv"].shape == (30, 576, 576 + 2 * 192)
+    assert params["layers"]["qkv_proj"]["kernel"].shape == (30, 576, 576 + 2 * 192)
     assert "lm_head" not in params
 
 

@@ -19,12 +19,16 @@ VARIANTS = [
     ("llama3", {}),
     ("mistral", {"sliding_window": 8}),
     ("qwen2", {}),
+    ("qwen3", {}),
+    ("qwen3", {"tie_word_embeddings": True}),
     ("mqa", {}),
     ("tied", {}),
 ]
 
 
-@pytest.mark.parametrize("variant,overrides", VARIANTS, ids=[v for v, _ in VARIANTS])
+@pytest.mark.parametrize(
+    "variant,overrides", VARIANTS, ids=[v + "".join(f"-{k}" for k in o) for v, o in VARIANTS]
+)
 def test_logits_match_hf_through_paged_cache(variant, overrides, model_dir, hf_model):
     path = model_dir(variant, **overrides)
     engine = small_engine(path, dtype="float32")

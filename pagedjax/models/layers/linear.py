@@ -9,18 +9,22 @@ Matmul backends (`matmul_backend` on LLM / the CLI):
          weights on every dot call and is weakest at decode-sized row counts.
   "auto" "cpu" on the CPU platform when the kernel for the weights' dtype runs here, else "xla".
 
-`pack_params` rewrites a parameter pytree for the "cpu" backend (every projection becomes a
-`PackedWeight` or `AmxPackedWeight`, the bf16 MLP [gate | up] weight packed so that the AMX kernel
-also applies the SiLU gate, see `swiglu_mlp_input`; tied embeddings also get a packed copy as
-"lm_head_packed");
-`unpack_params` undoes it (for checkpoints). `linear` dispatches on the weight's type, so model code
-is the same for every backend.
+`Linear` is the one projection layer every model uses (its `kernel` may be a plain array, stacked
+per layer, or a packed weight), so quantization, LoRA and sharding have one place to hook in.
+`pack_params` rewrites a model's state dict for the "cpu" backend (every `kernel` becomes a
+`PackedWeight` or `AmxPackedWeight`, the bf16 SwiGLU [gate | up] weights packed so that the AMX
+kernel also applies the SiLU gate, see `swiglu_mlp_input`; tied embeddings also get a packed copy
+as an explicit "lm_head"); `unpack_params` undoes it (for checkpoints). `linear` dispatches on the
+weight's type, so model code is the same for every backend.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax import lax
 
 from pagedjax.platform import default_matmul_backend, matmul_kernel_module
@@ -34,7 +38,6 @@ from pallas_kernels.cpu.amx_matmul import (
 from pallas_kernels.cpu.packed_matmul import PackedWeight, pack_weight, packed_matmul, unpack_weight
 
 MATMUL_BACKENDS = ("auto", "xla", "cpu")
-PACKED_LAYER_WEIGHTS = ("wqkv", "wo", "w_gate_up", "w_down")
 PACKED_TYPES = (PackedWeight, AmxPackedWeight)
 
 
@@ -46,7 +49,7 @@ def linear(
 ) -> jax.Array:
     """x [T, K] @ w [K, N] -> float32 [T, N].
 
-    A packed weight may be the whole per-layer stack (see `split_layer_weights`); `layer` picks one.
+    A packed weight may be the whole per-layer stack (see `Linear.weight`); `layer` picks one.
     `valid_rows` (i32[4]: rows [v0, v1) and [v2, v3) are real tokens) lets the packed kernel skip
     padding rows (their outputs are zero then); XLA's dot computes every row."""
     if isinstance(w, PackedWeight):
@@ -55,7 +58,56 @@ def linear(
         if w.swiglu:
             raise ValueError("a swiglu-packed weight returns the gated activation: use swiglu_mlp_input")
         return amx_matmul(x, w, layer, valid_rows)
-    return jnp.dot(x.astype(w.dtype), w, precision=_precision(w.dtype), preferred_element_type=jnp.float32)
+    return jnp.dot(
+        x.astype(w.dtype), w, precision=float32_precision(w.dtype), preferred_element_type=jnp.float32
+    )
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias), float32 out. With `num_layers`, one kernel per layer stacked on a
+    leading axis (the layers run under `lax.scan`; `layer` picks one).
+
+    `axes` are the kernel's logical axis names (`nnx.Param` metadata `logical_axes`), which
+    `pagedjax/parallel/` maps to mesh axes; a stacked kernel has "layers" in front."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        dtype,
+        *,
+        num_layers: int | None = None,
+        use_bias: bool = False,
+        axes: tuple[str, str] = ("embed", "mlp"),
+    ):
+        lead = () if num_layers is None else (num_layers,)
+        lead_axes = () if num_layers is None else ("layers",)
+        kernel = jnp.zeros((*lead, in_features, out_features), dtype)
+        self.kernel = nnx.Param(kernel, logical_axes=(*lead_axes, *axes))
+        bias = None
+        if use_bias:  # biases are tiny: they stay float32
+            zeros = jnp.zeros((*lead, out_features), jnp.float32)
+            bias = nnx.Param(zeros, logical_axes=(*lead_axes, axes[1]))
+        self.bias = nnx.data(bias)
+
+    def weight(self, layer: jax.Array | None):
+        """(weight, layer argument for `linear`): a packed stack stays whole (the kernel reads layer
+        `layer` in place; a scan slice of a custom call's operand would be copied every layer), a
+        plain stack is sliced."""
+        w = self.kernel.get_value()
+        if layer is None or isinstance(w, PACKED_TYPES):
+            return w, layer
+        return lax.dynamic_index_in_dim(w, layer, keepdims=False), None
+
+    def __call__(
+        self, x: jax.Array, layer: jax.Array | None = None, valid_rows: jax.Array | None = None
+    ) -> jax.Array:
+        w, idx = self.weight(layer)
+        y = linear(x, w, idx, valid_rows)
+        if self.bias is not None:
+            b = self.bias.get_value()
+            y = y + (b if layer is None else lax.dynamic_index_in_dim(b, layer, keepdims=False))
+        return y
 
 
 def swiglu_mlp_input(
@@ -74,7 +126,7 @@ def swiglu_mlp_input(
     return jax.nn.silu(gate) * up
 
 
-def _precision(dtype) -> lax.Precision | None:
+def float32_precision(dtype) -> lax.Precision | None:
     """Float32 weights get full float32 products. XLA's default precision for f32 dots on GPU is a
     reduced-precision pass (TF32 or bf16: errors ~1e-3 on an H100), which breaks the float32 logit
     parity a user of dtype="float32" expects; on CPU it changes nothing. Lower-precision weights
@@ -82,35 +134,11 @@ def _precision(dtype) -> lax.Precision | None:
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def split_layer_weights(layers: dict) -> tuple[dict, dict]:
-    """Stacked per-layer weights -> (slice per layer in the scan, pass whole to the kernel).
-
-    Packed weights stay whole: the kernel reads layer `i` in place, whereas a scan slice of a
-    custom call's operand is materialised as a copy of the weight on every layer of every step."""
-    whole = {k: v for k, v in layers.items() if isinstance(v, PACKED_TYPES)}
-    return {k: v for k, v in layers.items() if k not in whole}, whole
-
-
-def lm_head(h: jax.Array, params: dict) -> jax.Array:
-    """Logits (float32) of normalised hidden states: the LM head, or the tied embedding matrix."""
-    for key in ("lm_head_packed", "lm_head"):
-        if key in params:
-            return linear(h, params[key])
-    embed = params["embed"]
-    return lax.dot_general(
-        h.astype(embed.dtype),
-        embed,
-        (((1,), (1,)), ((), ())),
-        precision=_precision(embed.dtype),
-        preferred_element_type=jnp.float32,
-    )
-
-
 def resolve_matmul_backend(name: str, params: dict, platform: str | None = None) -> str:
     """Map "auto" to "cpu" or "xla" (see the module docstring); validate explicit names."""
     if name not in MATMUL_BACKENDS:
         raise ValueError(f"matmul_backend must be one of {MATMUL_BACKENDS}, got {name!r}")
-    dtype = params["layers"]["wqkv"].dtype
+    dtype = next(w for _, w in kernel_leaves(params)).dtype
     kernel = matmul_kernel_module(dtype)
     if name == "cpu":
         if kernel is None:
@@ -123,23 +151,42 @@ def resolve_matmul_backend(name: str, params: dict, platform: str | None = None)
     return default_matmul_backend(dtype, platform)
 
 
-def pack_params(params: dict) -> dict:
-    """A copy of `params` with every projection packed for the "cpu" matmul backend (the kernel
-    follows the weights' dtype: float32 -> AVX-512 panels, bfloat16 -> AMX tiles)."""
-    bf16 = params["layers"]["wqkv"].dtype == jnp.bfloat16
-    pack = pack_weight_bf16 if bf16 else pack_weight  # both cast to their dtype
+def kernel_leaves(params: dict, prefix: tuple = ()) -> Iterable[tuple[tuple, object]]:
+    """(path, value) of every `Linear` kernel in a model's state dict."""
+    for key, value in params.items():
+        if isinstance(value, dict):
+            yield from kernel_leaves(value, (*prefix, key))
+        elif key == "kernel":
+            yield (*prefix, key), value
+
+
+def _replace(params: dict, path: tuple, value) -> dict:
+    """A copy of the nested dict `params` with `path` set to `value` (shared sub-dicts elsewhere)."""
+    head, *rest = path
     out = dict(params)
-    out["layers"] = dict(params["layers"])
-    for key in PACKED_LAYER_WEIGHTS:
-        w = params["layers"][key]
-        if bf16 and key == "w_gate_up" and swiglu_packable(w.shape[-1]):
-            out["layers"][key] = pack_weight_bf16(w, swiglu=True)  # activation fused into the kernel
+    out[head] = _replace(params.get(head, {}), tuple(rest), value) if rest else value
+    return out
+
+
+def pack_params(params: dict, swiglu_paths: Iterable[tuple] = ()) -> dict:
+    """A copy of a model state dict with every `Linear` kernel packed for the "cpu" matmul backend
+    (the kernel follows the weights' dtype: float32 -> AVX-512 panels, bfloat16 -> AMX tiles).
+
+    `swiglu_paths`: kernels holding a fused [gate | up] SwiGLU weight, which the bf16 kernel can
+    pack so that it applies the SiLU gate itself. A tied embedding gets a packed transpose as an
+    explicit "lm_head" (the model then uses it instead of the embedding table)."""
+    swiglu = set(swiglu_paths)
+    out = params
+    for path, w in kernel_leaves(params):
+        bf16 = w.dtype == jnp.bfloat16
+        if bf16 and path in swiglu and swiglu_packable(w.shape[-1]):
+            out = _replace(out, path, pack_weight_bf16(w, swiglu=True))  # activation fused in
         else:
-            out["layers"][key] = pack(w)
-    if "lm_head" in params:
-        out["lm_head"] = pack(params["lm_head"])
-    else:
-        out["lm_head_packed"] = pack(params["embed"].T)
+            out = _replace(out, path, (pack_weight_bf16 if bf16 else pack_weight)(w))
+    if "lm_head" not in params:
+        table = params["embed"]["embedding"]
+        pack = pack_weight_bf16 if table.dtype == jnp.bfloat16 else pack_weight
+        out = _replace(out, ("lm_head", "kernel"), pack(table.T))
     return out
 
 
@@ -151,10 +198,11 @@ def _unpack(w):
     return w
 
 
-def unpack_params(params: dict) -> dict:
+def unpack_params(params: dict, tie_word_embeddings: bool) -> dict:
     """Inverse of `pack_params` (a no-op on unpacked parameters)."""
-    out = {k: v for k, v in params.items() if k != "lm_head_packed"}
-    out["layers"] = {k: _unpack(v) for k, v in params["layers"].items()}
-    if "lm_head" in out:
-        out["lm_head"] = _unpack(out["lm_head"])
+    out = params
+    for path, w in kernel_leaves(params):
+        out = _replace(out, path, _unpack(w))
+    if tie_word_embeddings and "lm_head" in out:
+        out = {k: v for k, v in out.items() if k != "lm_head"}
     return out
