@@ -49,12 +49,7 @@ def load_checkpoint(path: str, dtype: str) -> LoadedModel:
 
     with open(os.path.join(path, CONFIG_FILE)) as f:
         meta = json.load(f)
-    cfg = meta["config"]
-    for key in ("rope_scaling",):
-        if cfg.get(key) is not None:
-            cfg[key] = tuple(tuple(kv) for kv in cfg[key])
-    cfg["eos_token_ids"] = tuple(cfg.get("eos_token_ids") or ())
-    config = ModelConfig(**cfg)
+    config = ModelConfig.from_dict(meta["config"])
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(os.path.join(os.path.abspath(path), PARAMS_DIR))
     params = cast_state(params, dtype)

@@ -18,6 +18,7 @@ Another architecture subclasses `LlamaDecoderLayers` / `LlamaForCausalLM` where 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -31,25 +32,58 @@ from pagedjax.models.layers.embedding import Embedding
 from pagedjax.models.layers.linear import Linear
 from pagedjax.models.layers.mlp import GatedMLP
 from pagedjax.models.layers.norm import RMSNorm
-from pagedjax.models.layers.rope import apply_rope, inverse_frequencies, rope_tables
+from pagedjax.models.layers.rope import apply_rope, rotary_embeddings
 from pagedjax.models.params import cast_state, hf_tensor, stack_layers
 from pagedjax.models.step_inputs import AttentionOps, StepInputs
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """What may differ between the decoder layers of one model, as trace-time constants: the
+    attention kernel's sliding window and which RoPE variant rotates q and k."""
+
+    sliding_window: int | None
+    rope: str  # a key of rope.rotary_embeddings(config)
+
+
+def layer_kinds(config: ModelConfig) -> tuple[LayerKind, ...]:
+    local = config.sliding_rope_theta is not None
+    kinds = []
+    for i in range(config.num_layers):
+        window = config.layer_sliding_window(i)
+        kinds.append(LayerKind(window, "local" if local and window is not None else "global"))
+    return tuple(kinds)
+
+
+def pattern_period(kinds: tuple[LayerKind, ...]) -> int:
+    """The shortest p with kinds[i] == kinds[i % p] for every layer (1 for Llama, 2 for Gemma 2's
+    sliding/global alternation, 6 for Gemma 3's five local layers per global one)."""
+    n = len(kinds)
+    return next(p for p in range(1, n + 1) if all(kinds[i] == kinds[i % p] for i in range(n)))
 
 
 class LlamaDecoderLayers(nnx.Module):
     """Every decoder layer at once: pre-norm attention and pre-norm SwiGLU MLP, weights stacked."""
 
+    norm_offset = 0.0  # RMSNorm multiplies by offset + weight (Gemma: 1)
+
     def __init__(self, config: ModelConfig, dtype):
         c, L = config, config.num_layers
         self.config = c
-        self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, num_layers=L)
+        self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, num_layers=L, offset=self.norm_offset)
         qkv = c.q_size + 2 * c.kv_size
         self.qkv_proj = Linear(
             c.hidden_size, qkv, dtype, num_layers=L, use_bias=c.attention_bias, axes=("embed", "qkv")
         )
         self.o_proj = Linear(c.q_size, c.hidden_size, dtype, num_layers=L, axes=("heads", "embed"))
-        self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, num_layers=L)
-        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, dtype, num_layers=L)
+        self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, num_layers=L, offset=self.norm_offset)
+        self.mlp = self.build_mlp(c, dtype)
+
+    def build_mlp(self, c: ModelConfig, dtype):
+        """The MLP block of every layer (MoE architectures return a `MoEBlock`)."""
+        return GatedMLP(
+            c.hidden_size, c.intermediate_size, dtype, num_layers=c.num_layers, activation=c.hidden_act
+        )
 
     def project_qkv(self, x, layer, rows, cos, sin):
         """Normed hidden states -> rotated q [T, Hq, D], k [T, Hkv, D] and v [T, Hkv, D]."""
@@ -59,14 +93,26 @@ class LlamaDecoderLayers(nnx.Module):
         k = apply_rope(k.reshape(T, c.num_kv_heads, c.head_dim), cos, sin)
         return q, k, v.reshape(T, c.num_kv_heads, c.head_dim)
 
-    def attention_half(self, h, k_cache, v_cache, layer, inputs: StepInputs, ops: AttentionOps, cos, sin):
-        """Norm, QKV, RoPE, K/V write and attention of every token: ([T, q_size], caches)."""
+    def attention_half(
+        self, h, k_cache, v_cache, layer, inputs: StepInputs, ops: AttentionOps, rope, kind: LayerKind
+    ):
+        """Norm, QKV, RoPE, K/V write and attention of every token: ([T, q_size], caches).
+        `rope`: the (cos, sin) tables of this layer's RoPE variant."""
         c = self.config
         x = self.attn_norm(h, layer)
-        q, k, v = self.project_qkv(x, layer, inputs.valid_rows, cos, sin)
-        scale, window = c.head_dim**-0.5, c.sliding_window
+        q, k, v = self.project_qkv(x, layer, inputs.valid_rows, *rope)
         attn, k_cache, v_cache = paged_attention(
-            q, k, v, k_cache, v_cache, layer, inputs, ops, scale=scale, sliding_window=window
+            q,
+            k,
+            v,
+            k_cache,
+            v_cache,
+            layer,
+            inputs,
+            ops,
+            scale=c.attention_scale,
+            sliding_window=kind.sliding_window,
+            soft_cap=c.attn_logit_softcapping,
         )
         return attn.reshape(h.shape[0], c.q_size), k_cache, v_cache
 
@@ -90,7 +136,7 @@ class LlamaForCausalLM(nnx.Module):
         self.config = c
         self.embed = Embedding(c.vocab_size, c.hidden_size, dtype)
         self.layers = self.decoder_layers(c, dtype)
-        self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, offset=self.decoder_layers.norm_offset)
         if lm_head is None:
             lm_head = not c.tie_word_embeddings
         head = Linear(c.hidden_size, c.vocab_size, dtype, axes=("embed", "vocab")) if lm_head else None
@@ -113,33 +159,50 @@ class LlamaForCausalLM(nnx.Module):
         and MLP only for those rows (a prefill chunk needs the last layer's residual stream only at
         its last token: ~7% fewer matmul FLOPs per prompt token on a 12-layer model)."""
         c, layers = self.config, self.layers
-        inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling_dict)
-        cos, sin = rope_tables(inputs.positions, inv_freq)  # once per step, shared by all layers
+        kinds = layer_kinds(c)
+        ropes = {name: r.tables(inputs.positions) for name, r in rotary_embeddings(c).items()}
         T = inputs.token_ids.shape[0]
-        h0 = self.embed(inputs.token_ids)
         rows = inputs.valid_rows
 
-        def layer(carry, idx):
-            h, kc, vc = carry
-            attn, kc, vc = layers.attention_half(h, kc, vc, idx, inputs, ops, cos, sin)
-            return (layers.output_half(h, attn, idx, rows), kc, vc), None
+        def run_layer(h, kc, vc, idx, kind: LayerKind, keep=None):
+            attn, kc, vc = layers.attention_half(h, kc, vc, idx, inputs, ops, ropes[kind.rope], kind)
+            if keep is not None:
+                return layers.output_half(h[keep], attn[keep], idx, None), kc, vc
+            return layers.output_half(h, attn, idx, rows), kc, vc
 
+        # Scan over groups of `period` layers (one traced group body); the layers after the last
+        # whole group (and the pruned last layer) run unrolled.
+        period = pattern_period(kinds)
         prune = keep_rows is not None and keep_rows.shape[0] < T
-        scanned = c.num_layers - 1 if prune else c.num_layers
-        layer_ids = jnp.arange(scanned, dtype=jnp.int32)
-        (h, k_cache, v_cache), _ = lax.scan(layer, (h0, k_cache, v_cache), layer_ids)
-        if prune:
-            idx = jnp.int32(c.num_layers - 1)
-            attn, k_cache, v_cache = layers.attention_half(h, k_cache, v_cache, idx, inputs, ops, cos, sin)
-            h = layers.output_half(h[keep_rows], attn[keep_rows], idx, None)
-        elif keep_rows is not None:
+        num_groups = (c.num_layers - 1) // period if prune else c.num_layers // period
+
+        def group(carry, g):
+            h, kc, vc = carry
+            for j in range(period):
+                h, kc, vc = run_layer(h, kc, vc, g * period + j, kinds[j])
+            return (h, kc, vc), None
+
+        carry = (self.embed_tokens(inputs.token_ids), k_cache, v_cache)
+        carry, _ = lax.scan(group, carry, jnp.arange(num_groups, dtype=jnp.int32))
+        h, k_cache, v_cache = carry
+        for i in range(num_groups * period, c.num_layers):
+            keep = keep_rows if prune and i == c.num_layers - 1 else None
+            h, k_cache, v_cache = run_layer(h, k_cache, v_cache, jnp.int32(i), kinds[i], keep)
+        if keep_rows is not None and not prune:
             h = h[keep_rows]
         return h, k_cache, v_cache
 
+    def embed_tokens(self, token_ids: jax.Array) -> jax.Array:
+        """The residual stream's start, f32 [T, H] (Gemma scales it)."""
+        return self.embed(token_ids)
+
     def compute_logits(self, h: jax.Array) -> jax.Array:
-        """Final norm + LM head (tied embeddings reuse the embedding matrix) -> float32 logits."""
+        """Final norm + LM head (tied embeddings reuse the embedding matrix) -> float32 logits,
+        soft-capped when the config says so (Gemma 2)."""
         x = self.final_norm(h)
-        return self.lm_head(x) if self.lm_head is not None else self.embed.attend(x)
+        logits = self.lm_head(x) if self.lm_head is not None else self.embed.attend(x)
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else cap * jnp.tanh(logits / cap)
 
     # ------------------------------------------------------------------------------ loading
     @classmethod
@@ -156,16 +219,21 @@ class LlamaForCausalLM(nnx.Module):
             "qkv_proj": {"kernel": np.concatenate([q, k, v], axis=0).T},
             "o_proj": {"kernel": get("self_attn.o_proj.weight").T},
             "mlp_norm": {"scale": get("post_attention_layernorm.weight")},
-            "mlp": {
-                "gate_up_proj": {
-                    "kernel": np.concatenate([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")]).T
-                },
-                "down_proj": {"kernel": get("mlp.down_proj.weight").T},
-            },
+            "mlp": cls.mlp_tensors(tensors, config, i),
         }
         if config.attention_bias:
             out["qkv_proj"]["bias"] = np.concatenate([get(f"self_attn.{n}_proj.bias") for n in "qkv"])
         return out
+
+    @classmethod
+    def mlp_tensors(cls, tensors: Mapping[str, np.ndarray], config: ModelConfig, i: int) -> dict:
+        """Layer `i`'s MLP weights: gate and up fused into one [H, 2F] kernel."""
+        p = f"model.layers.{i}.mlp."
+        gate, up = hf_tensor(tensors, p + "gate_proj.weight"), hf_tensor(tensors, p + "up_proj.weight")
+        return {
+            "gate_up_proj": {"kernel": np.concatenate([gate, up]).T},
+            "down_proj": {"kernel": hf_tensor(tensors, p + "down_proj.weight").T},
+        }
 
     @classmethod
     def state_from_hf(cls, tensors: Mapping[str, np.ndarray], config: ModelConfig, dtype) -> dict:

@@ -12,6 +12,9 @@ state, a nested dict of arrays mirroring the module tree, e.g. for Llama:
         "o_proj": {"kernel": [L, q, H]},
         "mlp_norm": {"scale": [L, H]},
         "mlp": {"gate_up_proj": {"kernel": [L, H, 2*F]}, "down_proj": {"kernel": [L, F, H]}}},
+                                                   (MoE: "mlp": {"router": [L, H, E],
+                                                    "experts_gate_up": [L, E, H, 2*F],
+                                                    "experts_down": [L, E, F, H]})
      "final_norm": {"scale": [H]},
      "lm_head": {"kernel": [H, V]}}                (absent when embeddings are tied)
 
@@ -54,11 +57,15 @@ def stack_layers(per_layer: Sequence[dict]) -> dict:
     return jax.tree.map(lambda *xs: np.stack(xs), *per_layer)
 
 
+MATMUL_LEAVES = ("kernel", "embedding", "experts_gate_up", "experts_down")
+
+
 def is_matmul_weight(path) -> bool:
-    """True for a state leaf that takes the model dtype: a `Linear` kernel or an embedding table.
-    Norm scales and biases are tiny and stay float32 (that keeps the RMS norm exact)."""
+    """True for a state leaf that takes the model dtype: a `Linear` kernel, an embedding table,
+    MoE expert weights. Norm scales, biases and MoE routers are tiny and stay float32 (that keeps
+    the RMS norm exact and the expert choice stable)."""
     name = path[-1].key if hasattr(path[-1], "key") else str(path[-1])
-    return name in ("kernel", "embedding")
+    return name in MATMUL_LEAVES
 
 
 def cast_state(state: dict, dtype: str | jnp.dtype) -> dict:
@@ -71,3 +78,26 @@ def cast_state(state: dict, dtype: str | jnp.dtype) -> dict:
 
 def count_params(params: dict) -> int:
     return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
+
+
+def hf_experts(
+    tensors: Mapping[str, np.ndarray], prefix: str, num_experts: int, names: tuple[str, str, str]
+) -> dict[str, np.ndarray]:
+    """One MoE layer's expert weights in the x @ W layout: experts_gate_up [E, H, 2F] (gate | up)
+    and experts_down [E, F, H]. Reads per-expert tensors (`{prefix}experts.{j}.{gate}.weight`,
+    the hub's layout) or the fused `{prefix}experts.gate_up_proj` [E, 2F, H] / `down_proj`
+    [E, H, F] that transformers 5 keeps in memory."""
+    fused = prefix + "experts.gate_up_proj"
+    if fused in tensors:
+        gate_up = hf_tensor(tensors, fused).transpose(0, 2, 1)
+        down = hf_tensor(tensors, prefix + "experts.down_proj").transpose(0, 2, 1)
+        return {"experts_gate_up": gate_up, "experts_down": down}
+    gate, up, down = names
+    per = [
+        [hf_tensor(tensors, f"{prefix}experts.{j}.{n}.weight") for n in (gate, up, down)]
+        for j in range(num_experts)
+    ]
+    return {
+        "experts_gate_up": np.stack([np.concatenate([g, u]).T for g, u, _ in per]),
+        "experts_down": np.stack([d.T for _, _, d in per]),
+    }

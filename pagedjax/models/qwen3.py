@@ -18,8 +18,9 @@ class Qwen3DecoderLayers(LlamaDecoderLayers):
     def __init__(self, config: ModelConfig, dtype):
         super().__init__(config, dtype)
         c = config
-        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, num_layers=c.num_layers)
-        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, num_layers=c.num_layers)
+        L, offset = c.num_layers, self.norm_offset
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, num_layers=L, offset=offset)
+        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, num_layers=L, offset=offset)
 
     def project_qkv(self, x, layer, rows, cos, sin):
         c, T = self.config, x.shape[0]

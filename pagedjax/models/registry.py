@@ -9,8 +9,12 @@ from flax import nnx
 
 from pagedjax.config import ModelConfig
 from pagedjax.models.functional import make_forward
+from pagedjax.models.gemma2 import Gemma2ForCausalLM
+from pagedjax.models.gemma3 import Gemma3ForCausalLM
 from pagedjax.models.llama import LlamaForCausalLM
+from pagedjax.models.mixtral import MixtralForCausalLM
 from pagedjax.models.qwen3 import Qwen3ForCausalLM
+from pagedjax.models.qwen3_moe import Qwen3MoeForCausalLM
 
 # Llama, Mistral and Qwen2 are the same decoder; their differences (GQA, QKV bias, tied
 # embeddings, RoPE scaling, sliding window) are fields of ModelConfig.
@@ -19,6 +23,10 @@ _ARCHITECTURES: dict[str, type[nnx.Module]] = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 _FORWARDS: dict[type, Callable] = {}
 

@@ -306,6 +306,54 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3": ("Qwen3ForCausalLM", {"use_sliding_window": False, "sliding_window": None}),
     "mqa": ("LlamaForCausalLM", {"num_key_value_heads": 1}),
     "tied": ("LlamaForCausalLM", {"tie_word_embeddings": True}),
+    # Gemma: small soft caps (so tanh bends at these logit sizes), a window shorter than the test
+    # sequences, query_pre_attn_scalar != head_dim, 4 layers (sliding/global twice: a scanned
+    # period of 2 plus the unrolled pruned last layer).
+    "gemma2": (
+        "Gemma2ForCausalLM",
+        {
+            "num_hidden_layers": 4,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "query_pre_attn_scalar": 24,
+            "sliding_window": 8,
+            "attn_logit_softcapping": 3.0,
+            "final_logit_softcapping": 2.0,
+            "tie_word_embeddings": True,
+        },
+    ),
+    # Gemma 3: q/k norms, its own RoPE base on sliding layers and linear scaling on global ones;
+    # a layer pattern of period 3 over 4 layers.
+    "gemma3": (
+        "Gemma3ForCausalLM",
+        {
+            "num_hidden_layers": 4,
+            "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+            "hidden_activation": "gelu_pytorch_tanh",
+            "query_pre_attn_scalar": 24,
+            "sliding_window": 8,
+            "tie_word_embeddings": True,
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+            },
+        },
+    ),
+    # MoE: 8 experts, top 2 (Mixtral renormalises; Qwen3-MoE with norm_topk_prob False does not).
+    "mixtral": (
+        "MixtralForCausalLM",
+        {"num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": None},
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeForCausalLM",
+        {
+            "num_experts": 8,
+            "num_experts_per_tok": 3,
+            "moe_intermediate_size": 32,
+            "norm_topk_prob": False,
+            "use_sliding_window": False,
+            "sliding_window": None,
+        },
+    ),
 }
 
 BENCHMARK_CONFIG: dict[str, Any] = dict(
@@ -327,6 +375,10 @@ _CONFIG_CLASSES = {
     "MistralForCausalLM": "MistralConfig",
     "Qwen2ForCausalLM": "Qwen2Config",
     "Qwen3ForCausalLM": "Qwen3Config",
+    "Gemma2ForCausalLM": "Gemma2Config",
+    "Gemma3ForCausalLM": "Gemma3TextConfig",
+    "MixtralForCausalLM": "MixtralConfig",
+    "Qwen3MoeForCausalLM": "Qwen3MoeConfig",
 }
 
 
@@ -359,6 +411,8 @@ def _reinit_(model, seed: int) -> None:
 
     gen = torch.Generator().manual_seed(seed)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    # Gemma's RMSNorm scales by (1 + weight): centre its weights on 0 so the scale is ~1 as elsewhere.
+    norm_centre = 0.0 if model.config.model_type.startswith("gemma") else 1.0
     params = dict(model.named_parameters())  # tied weights appear once
     with torch.no_grad():
         for name in sorted(params):
@@ -367,13 +421,13 @@ def _reinit_(model, seed: int) -> None:
             if name.endswith("bias"):
                 val = 0.1 * noise
             elif "norm" in name:
-                val = 1.0 + 0.1 * noise
+                val = norm_centre + 0.1 * noise
             elif "embed_tokens" in name:
                 # Tied: the embedding is also the lm_head; 1/sqrt(H) keeps logits O(1) (std 1 would
                 # make every step repeat the current token).
                 val = noise / (p.shape[1] ** 0.5) if tied else noise
-            elif p.dim() == 2:
-                val = noise / (p.shape[1] ** 0.5)
+            elif p.dim() >= 2:  # [out, in] projections and [experts, out, in] expert stacks
+                val = noise / (p.shape[-1] ** 0.5)
             else:
                 val = 0.02 * noise
             p.copy_(val.to(p.dtype))

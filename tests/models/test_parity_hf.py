@@ -23,6 +23,10 @@ VARIANTS = [
     ("qwen3", {"tie_word_embeddings": True}),
     ("mqa", {}),
     ("tied", {}),
+    ("gemma2", {}),
+    ("gemma3", {}),
+    ("mixtral", {}),
+    ("qwen3_moe", {}),
 ]
 
 

@@ -23,6 +23,7 @@ def paged_attention(
     *,
     scale: float,
     sliding_window: int | None,
+    soft_cap: float | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """q [T, Hq, D], k/v [T, Hkv, D] (rotated) -> (attention output [T, Hq, D], k_cache, v_cache)."""
     if ops.fused is not None:  # the backend writes K/V inside its attention kernel
@@ -38,9 +39,17 @@ def paged_attention(
             inputs.slot_offsets,
             scale=scale,
             sliding_window=sliding_window,
+            soft_cap=soft_cap,
         )
     k_cache, v_cache = ops.write_kv(k_cache, v_cache, layer, k, v, inputs.slot_pages, inputs.slot_offsets)
     out = ops.attention(
-        q, k_cache, v_cache, layer, inputs.attention, scale=scale, sliding_window=sliding_window
+        q,
+        k_cache,
+        v_cache,
+        layer,
+        inputs.attention,
+        scale=scale,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
     )
     return out, k_cache, v_cache

@@ -13,7 +13,7 @@ Matmul backends (`matmul_backend` on LLM / the CLI):
 per layer, or a packed weight), so quantization, LoRA and sharding have one place to hook in.
 `pack_params` rewrites a model's state dict for the "cpu" backend (every `kernel` becomes a
 `PackedWeight` or `AmxPackedWeight`, the bf16 SwiGLU [gate | up] weights packed so that the AMX
-kernel also applies the SiLU gate, see `swiglu_mlp_input`; tied embeddings also get a packed copy
+kernel also applies the SiLU gate, see `gated_mlp_input`; tied embeddings also get a packed copy
 as an explicit "lm_head"); `unpack_params` undoes it (for checkpoints). `linear` dispatches on the
 weight's type, so model code is the same for every backend.
 """
@@ -56,7 +56,7 @@ def linear(
         return packed_matmul(x.astype(jnp.float32), w, layer, valid_rows)
     if isinstance(w, AmxPackedWeight):
         if w.swiglu:
-            raise ValueError("a swiglu-packed weight returns the gated activation: use swiglu_mlp_input")
+            raise ValueError("a swiglu-packed weight returns the gated activation: use gated_mlp_input")
         return amx_matmul(x, w, layer, valid_rows)
     return jnp.dot(
         x.astype(w.dtype), w, precision=float32_precision(w.dtype), preferred_element_type=jnp.float32
@@ -110,20 +110,25 @@ class Linear(nnx.Module):
         return y
 
 
-def swiglu_mlp_input(
+def gated_mlp_input(
     x: jax.Array,
     w_gate_up: jax.Array | PackedWeight | AmxPackedWeight,
     layer: jax.Array | None = None,
     valid_rows: jax.Array | None = None,
+    activation: str = "silu",
 ) -> jax.Array:
-    """silu(x @ W_gate) * (x @ W_up) for a fused [gate | up] weight: the down projection's input.
+    """act(x @ W_gate) * (x @ W_up) for a fused [gate | up] weight: the down projection's input.
 
-    The AMX kernel computes it inside the matmul (bf16 out) when the weight was packed for it;
-    otherwise the product is split and activated here (float32)."""
+    The AMX kernel computes SiLU inside the matmul (bf16 out) when the weight was packed for it
+    (SwiGLU models only); otherwise the product is split and activated here (float32)."""
     if isinstance(w_gate_up, AmxPackedWeight) and w_gate_up.swiglu:
+        if activation != "silu":
+            raise ValueError(f"a swiglu-packed weight applies SiLU, not {activation}")
         return amx_matmul(x, w_gate_up, layer, valid_rows)
     gate, up = jnp.split(linear(x, w_gate_up, layer, valid_rows), 2, axis=-1)
-    return jax.nn.silu(gate) * up
+    if activation == "silu":
+        return jax.nn.silu(gate) * up
+    return jax.nn.gelu(gate, approximate=True) * up
 
 
 def float32_precision(dtype) -> lax.Precision | None:
