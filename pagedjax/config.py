@@ -51,6 +51,9 @@ class ModelConfig:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0  # each expert's hidden size
     norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1
+    # Qwen2-MoE: one always-on expert of this hidden size beside the routed ones, scaled by a
+    # sigmoid gate (0: none)
+    shared_expert_intermediate_size: int = 0
 
     @property
     def q_size(self) -> int:
@@ -88,6 +91,7 @@ class ModelConfig:
         hidden = cfg["hidden_size"]
         head_dim = cfg.get("head_dim") or hidden // num_heads
         num_kv = cfg.get("num_key_value_heads") or num_heads
+        model_type = cfg.get("model_type", "")
         scaling = cfg.get("rope_scaling")
         rope_params = cfg.get("rope_parameters")  # transformers 5 spelling
         rope_theta = cfg.get("rope_theta")
@@ -97,11 +101,23 @@ class ModelConfig:
                 scaling = rope_params
         if scaling is not None and scaling.get("rope_type", scaling.get("type", "default")) == "default":
             scaling = None
+        if scaling is not None and model_type == "phi3":
+            # Phi-3 checkpoints spell LongRoPE "su" or "yarn" (transformers maps both to longrope) and
+            # keep original_max_position_embeddings beside rope_scaling rather than in it.
+            scaling = dict(scaling)
+            if scaling.get("rope_type", scaling.get("type")) in ("su", "yarn", "longrope"):
+                scaling["rope_type"] = "longrope"
+            if "original_max_position_embeddings" in cfg:
+                original = cfg["original_max_position_embeddings"]
+                scaling.setdefault("original_max_position_embeddings", original)
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         sliding = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
-        model_type = cfg.get("model_type", "")
-        attention_bias = bool(cfg.get("attention_bias", False)) or model_type == "qwen2"
+        attention_bias = (
+            bool(cfg.get("attention_bias", False))
+            or model_type == "qwen2"
+            or (model_type == "qwen2_moe" and cfg.get("qkv_bias", True))
+        )
         layer_types = cfg.get("layer_types")
         if sliding is None or not layer_types or "sliding_attention" not in layer_types:
             layer_types = None
@@ -154,7 +170,11 @@ class ModelConfig:
             moe_intermediate_size=int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
             if num_experts
             else 0,
-            norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+            # Mixtral always renormalises; the Qwen MoE configs default to not renormalising.
+            norm_topk_prob=bool(cfg.get("norm_topk_prob", not model_type.startswith("qwen"))),
+            shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0)
+            if num_experts
+            else 0,
         )
 
 

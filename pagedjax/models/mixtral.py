@@ -23,6 +23,7 @@ def moe_block(c: ModelConfig, dtype) -> MoEBlock:
         dtype,
         num_layers=c.num_layers,
         normalize=c.norm_topk_prob,
+        shared_hidden=c.shared_expert_intermediate_size,
     )
 
 

@@ -13,6 +13,8 @@ from pagedjax.models.gemma2 import Gemma2ForCausalLM
 from pagedjax.models.gemma3 import Gemma3ForCausalLM
 from pagedjax.models.llama import LlamaForCausalLM
 from pagedjax.models.mixtral import MixtralForCausalLM
+from pagedjax.models.phi3 import Phi3ForCausalLM
+from pagedjax.models.qwen2_moe import Qwen2MoeForCausalLM
 from pagedjax.models.qwen3 import Qwen3ForCausalLM
 from pagedjax.models.qwen3_moe import Qwen3MoeForCausalLM
 
@@ -27,6 +29,8 @@ _ARCHITECTURES: dict[str, type[nnx.Module]] = {
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
 }
 _FORWARDS: dict[type, Callable] = {}
 

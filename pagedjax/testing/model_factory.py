@@ -354,6 +354,36 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
             "sliding_window": None,
         },
     ),
+    # Qwen2-MoE: QKV bias, renormalised top 2 of 8, and a shared expert behind a sigmoid gate.
+    "qwen2_moe": (
+        "Qwen2MoeForCausalLM",
+        {
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 48,
+            "norm_topk_prob": True,
+            "use_sliding_window": False,
+            "sliding_window": None,
+        },
+    ),
+    # Phi-3: fused qkv/gate_up; LongRoPE with an attention factor (max 512 / original 64) and 3/4
+    # partial rotary. Sequences stay below 64 in the parity test (the short factors); the long ones
+    # are checked by tests/models/test_rope.py and the decode-past-64 test.
+    "phi3": (
+        "Phi3ForCausalLM",
+        {
+            "original_max_position_embeddings": 64,
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.75,
+                "original_max_position_embeddings": 64,
+                "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
+            },
+        },
+    ),
 }
 
 BENCHMARK_CONFIG: dict[str, Any] = dict(
@@ -379,6 +409,8 @@ _CONFIG_CLASSES = {
     "Gemma3ForCausalLM": "Gemma3TextConfig",
     "MixtralForCausalLM": "MixtralConfig",
     "Qwen3MoeForCausalLM": "Qwen3MoeConfig",
+    "Qwen2MoeForCausalLM": "Qwen2MoeConfig",
+    "Phi3ForCausalLM": "Phi3Config",
 }
 
 

@@ -138,7 +138,7 @@ def test_variant_loads_with_transformers(variant_dirs, variant):
     centre = 0.0 if variant.startswith("gemma") else 1.0  # Gemma scales by (1 + weight)
     assert all(abs(float(n.mean()) - centre) < 0.2 for n in norms)
     biases = [v for k, v in sd.items() if k.endswith("bias")]
-    if variant == "qwen2":
+    if variant in ("qwen2", "qwen2_moe"):
         assert len(biases) == 3 * 2 and all(float(b.abs().mean()) > 0.01 for b in biases)
     else:
         assert not biases

@@ -27,6 +27,8 @@ VARIANTS = [
     ("gemma3", {}),
     ("mixtral", {}),
     ("qwen3_moe", {}),
+    ("qwen2_moe", {}),
+    ("phi3", {}),
 ]
 
 
@@ -114,3 +116,56 @@ def test_last_layer_pruning_keeps_sampled_logits_exact(model_dir):
         for step_a, step_b in zip(a.logprobs, b.logprobs, strict=True):
             assert step_a.keys() == step_b.keys()
             np.testing.assert_allclose(list(step_a.values()), list(step_b.values()), atol=1e-5)
+
+
+def test_longrope_decode_past_original_length_matches_hf_generate(model_dir, hf_model):
+    """Phi-3's LongRoPE switches to the long factors at original_max_position_embeddings (64 here).
+    Decoding across it, each token is rotated with the set its position selects, as in HF's
+    cached generation; the logits of every step must match HF's step by step."""
+    path = model_dir("phi3")
+    engine = small_engine(path, dtype="float32")
+    prompt = np.random.default_rng(1).integers(3, 500, size=50).tolist()
+    run = run_capturing_logits(engine, [prompt], max_tokens=30)  # positions 50..79
+    rid = run.request_ids[0]
+    seq = prompt + run.outputs[rid]
+    hf = hf_model(path)
+    with torch.no_grad():
+        out = hf(torch.tensor([prompt]), use_cache=True)
+        ref, cache = [out.logits[0].numpy()], out.past_key_values
+        for token in run.outputs[rid][:-1]:
+            out = hf(torch.tensor([[token]]), cache=cache, use_cache=True)
+            ref.append(out.logits[0].numpy())
+            cache = out.past_key_values
+    ref = np.concatenate(ref)
+    ours = run.logits_array(rid, len(seq) - 1)
+    assert np.abs(ours - ref).max() <= 1e-4
+
+
+ONE_PER_ARCHITECTURE = ["llama", "qwen3", "gemma2", "gemma3", "mixtral", "qwen3_moe", "qwen2_moe", "phi3"]
+
+
+@pytest.mark.parametrize("variant", ONE_PER_ARCHITECTURE)
+def test_logits_match_hf_with_prefix_cache_and_preemption(variant, model_dir, hf_model):
+    """Acceptance 1 under memory pressure: prompts share a 12-token prefix (pages reused from the
+    prefix cache) and a 20-page pool cannot hold them all (requests preempted and recomputed). Every
+    position the engine computed, including recomputed ones, must match HF's logits."""
+    path = model_dir(variant)
+    engine = small_engine(path, dtype="float32", num_kv_pages=20, enable_prefix_caching=True)
+    rng = np.random.default_rng(2)
+    prefix = rng.integers(3, 500, size=12).tolist()
+    prompts = [prefix + rng.integers(3, 500, size=n).tolist() for n in (5, 9, 2, 14)]
+    run = run_capturing_logits(engine, prompts, max_tokens=12)
+    metrics = engine.get_metrics()
+    assert metrics["num_preemptions"] > 0, "the pool was large enough: nothing was preempted"
+    assert metrics["prefix_cache_hits"] > 0, "no prompt reused the shared prefix's pages"
+    hf = hf_model(path)
+    worst = 0.0
+    for rid, prompt in zip(run.request_ids, prompts, strict=True):
+        seq = prompt + run.outputs[rid]
+        got = run.logits[rid]
+        # every sampled position was computed (the prefix ones may have come from the cache)
+        assert set(range(len(prompt) - 1, len(seq) - 1)) <= set(got)
+        with torch.no_grad():
+            ref = hf(torch.tensor([seq])).logits[0].numpy()
+        worst = max(worst, max(float(np.abs(row - ref[p]).max()) for p, row in got.items()))
+    assert worst <= 1e-4, f"max abs logit difference {worst:.2e}"

@@ -22,6 +22,7 @@ from flax import nnx
 from jax import lax
 
 from pagedjax.models.layers.linear import float32_precision
+from pagedjax.models.layers.mlp import GatedMLP
 
 # Rows per expert tile of the grouped path, and the token counts below which the dense path runs
 # (its E / k extra FLOPs are cheaper than sorting and a loop then); see experiments/bench_moe.py.
@@ -113,7 +114,8 @@ def experts_grouped(x, weights, experts, w_gate_up, w_down, tile: int = GROUP_TI
 
 
 class MoEBlock(nnx.Module):
-    """Router + experts, stacked over `num_layers` like every other layer weight."""
+    """Router + experts, stacked over `num_layers` like every other layer weight; optionally a
+    shared expert (Qwen2-MoE) that every token goes through, scaled by sigmoid(x @ w_gate)."""
 
     def __init__(
         self,
@@ -125,6 +127,7 @@ class MoEBlock(nnx.Module):
         *,
         num_layers: int,
         normalize: bool = True,
+        shared_hidden: int = 0,
     ):
         L, E = num_layers, num_experts
         self.top_k, self.normalize = top_k, normalize
@@ -136,15 +139,27 @@ class MoEBlock(nnx.Module):
         self.experts_down = nnx.Param(
             jnp.zeros((L, E, hidden, dim), dtype), logical_axes=("layers", "expert", "mlp", "embed")
         )
+        # The shared expert is an ordinary gated MLP: its projections take the Linear hooks.
+        shared, shared_gate = None, None
+        if shared_hidden:
+            shared = GatedMLP(dim, shared_hidden, dtype, num_layers=L)
+            gate = jnp.zeros((L, dim, 1), jnp.float32)
+            shared_gate = nnx.Param(gate, logical_axes=("layers", "embed", None))
+        self.shared_expert = nnx.data(shared)
+        self.shared_expert_gate = nnx.data(shared_gate)
 
     def __call__(self, x: jax.Array, layer: jax.Array, valid_rows=None, *, grouped: bool | None = None):
         def pick(p):
             return lax.dynamic_index_in_dim(p.get_value(), layer, keepdims=False)
 
-        x = x.astype(jnp.float32)
+        x_in, x = x, x.astype(jnp.float32)
         logits = jnp.dot(x, pick(self.router), precision=lax.Precision.HIGHEST)
         weights, experts = route(logits, self.top_k, self.normalize)
         if grouped is None:
             grouped = x.shape[0] > DENSE_MAX_TOKENS
         run = experts_grouped if grouped else experts_dense
-        return run(x, weights, experts, pick(self.experts_gate_up), pick(self.experts_down))
+        out = run(x, weights, experts, pick(self.experts_gate_up), pick(self.experts_down))
+        if self.shared_expert is not None:
+            scale = jax.nn.sigmoid(jnp.dot(x, pick(self.shared_expert_gate), precision=lax.Precision.HIGHEST))
+            out = out + scale * self.shared_expert(x_in, layer, valid_rows).astype(jnp.float32)
+        return out
