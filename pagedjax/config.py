@@ -6,7 +6,10 @@ They are plain frozen dataclasses so a researcher can print, compare and tweak t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pagedjax.spec_decode.config import SpeculativeConfig
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,8 @@ class SchedulerConfig:
     # Most prefill sequences packed into one step (bounds the sampler's row count per step).
     max_num_prefill_seqs: int = 32
     policy: str = "fcfs"  # "fcfs" or "priority"
+    # Speculative decoding: most draft tokens one request verifies per step (0: off).
+    num_speculative_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -225,3 +230,4 @@ class EngineConfig:
     matmul_backend: str = "auto"  # "auto" | "xla" | "cpu" (models/layers/linear.py)
     warmup: bool = True
     compilation_cache_dir: str | None = None
+    speculative: SpeculativeConfig | None = None  # speculative decoding (pagedjax/spec_decode/)

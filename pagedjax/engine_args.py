@@ -14,10 +14,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
+
+from pagedjax.spec_decode.config import SpeculativeConfig
 
 DTYPES = ("auto", "float32", "bfloat16")
 ATTENTION_BACKENDS = ("auto", "xla", "pallas", "cpu")
@@ -89,8 +92,16 @@ class EngineArgs:
         "persistent XLA compilation cache (default ~/.cache/pagedjax/xla, or "
         "$PAGEDJAX_COMPILATION_CACHE; 'off' disables)",
     )
+    # --- speculative decoding
+    speculative_config: str | None = _setting(
+        None,
+        'JSON (a dict for `LLM`), e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'; keys: '
+        "method, num_speculative_tokens, prompt_lookup_min/max, disable_by_batch_size",
+    )
 
     def __post_init__(self) -> None:
+        if isinstance(self.speculative_config, dict):  # LLM(speculative_config={...})
+            self.speculative_config = json.dumps(self.speculative_config)
         hints = _field_types()
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -115,6 +126,7 @@ class EngineArgs:
                 raise ValueError(f"EngineArgs.{f.name} must be one of {list(choices)}, got {value!r}")
             if minimum is not None and value < minimum:
                 raise ValueError(f"EngineArgs.{f.name} must be >= {minimum}, got {value!r}")
+        SpeculativeConfig.parse(self.speculative_config)  # a bad config fails here, clearly
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"EngineArgs.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"

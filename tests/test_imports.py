@@ -17,6 +17,8 @@ strictly lower rank; groups of the same rank are independent of each other.
   1 pagedjax.parallel  (placeholder for sharding; nothing in it yet)
   2 pagedjax.runner    runs a scheduled step on the device: uses core's data types (ModelOutput,
                        SchedulerOutput), models and sampling
+  2 pagedjax.spec_decode  draft proposers over core's requests (device proposers get the runner
+                       passed in, never imported); its config, metrics and verify are leaf modules
   3 pagedjax.engine    the engine loop: scheduler + runner + output processing
   4 pagedjax, .llm     the public API (the package's __init__ and LLM)
   5 pagedjax.entrypoints  CLI, OpenAI-compatible server
@@ -53,6 +55,7 @@ LAYERS = {
     "pagedjax.sampling": 1,
     "pagedjax.parallel": 1,
     "pagedjax.runner": 2,
+    "pagedjax.spec_decode": 2,
     "pagedjax.engine": 3,
     "pagedjax.llm": 4,  # the public API: LLM, and the package's own __init__ that re-exports it
     "pagedjax.entrypoints": 5,
@@ -66,6 +69,9 @@ LEAF_MODULES = {
     "pagedjax.envs",
     "pagedjax.metrics",
     "pagedjax.engine_args",
+    "pagedjax.spec_decode.config",  # SpeculativeConfig: a setting (engine_args parses it)
+    "pagedjax.spec_decode.metrics",
+    "pagedjax.spec_decode.verify",  # the acceptance rule: pure Python, used by the runner
 }
 # group -> top-level packages it must not import (pallas_kernels: the kernels are JAX code).
 FORBIDDEN_PACKAGES = {"pagedjax.core": ("jax", "jaxlib", "flax", "orbax", "pallas_kernels")}

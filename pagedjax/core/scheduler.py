@@ -221,6 +221,7 @@ class Scheduler:
         self.running.remove(victim)
         self.kv_cache.free(victim.request_id)
         victim.num_computed_tokens = 0
+        victim.spec_token_ids = []  # it recomputes from its verified tokens; new drafts come later
         victim.status = RequestStatus.PREEMPTED
         victim.num_preemptions += 1
         self.num_preemptions += 1
@@ -266,8 +267,8 @@ class Scheduler:
         """Draft tokens worth computing: as many as could still be accepted, so that verifying them
         never needs K/V slots past the request's `max_tokens` or `max_model_len` (which `check_fits`
         sized the pool for)."""
-        if not req.spec_token_ids:
-            return 0
+        if not req.spec_token_ids or req.request_id in self.pending_forks:
+            return 0  # a prompt whose samples fork from its last token verifies nothing
         room = min(req.max_tokens - req.num_output_tokens, self.config.max_model_len - req.num_tokens) - 1
         return max(0, min(len(req.spec_token_ids), room))
 
@@ -301,8 +302,10 @@ class Scheduler:
                 i += 1
                 continue
             if num_new > 1 and len(out.prefills) >= cfg.max_num_prefill_seqs:
-                i += 1
-                continue
+                if req.num_tokens - req.num_computed_tokens != 1:
+                    i += 1
+                    continue
+                num_new = 1  # no prefill seat left for its drafts: a plain decode (drafts dropped)
             start = req.num_computed_tokens
             while not self.kv_cache.allocate_slots(req.request_id, start + num_new, write_from=start):
                 victims = [r for r in self.running[i:] if r.request_id not in scheduled]

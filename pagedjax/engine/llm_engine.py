@@ -34,6 +34,7 @@ from pagedjax.outputs import RequestMetrics, RequestOutput
 from pagedjax.runner.model_runner import ModelRunner
 from pagedjax.sampling.beam_search import BeamSearchState
 from pagedjax.sampling_params import MAX_LOGPROBS, BeamSearchParams, SamplingParams
+from pagedjax.spec_decode import SpecDecodeMetrics, SpeculativeConfig, make_proposer
 
 PromptType = str | list[int] | dict[str, Any]
 logger = logging.getLogger("pagedjax.engine")
@@ -76,12 +77,26 @@ class LLMEngine:
         self._ids = itertools.count()
         self.last_step_result: ModelOutput | None = None
         self.num_failed_steps = 0
+        spec = config.speculative
+        if (
+            spec
+            and spec.num_draft_layers is not None
+            and spec.num_draft_layers >= self.model_config.num_layers
+        ):
+            raise ValueError(
+                f"speculative_config num_draft_layers ({spec.num_draft_layers}) must be below the "
+                f"model's {self.model_config.num_layers} layers"
+            )
+        self.proposer = make_proposer(spec) if spec else None
+        self.spec_metrics = SpecDecodeMetrics()
         eos = set(self.model_config.eos_token_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
         if config.warmup:
             self.runner.warmup()
+            if self.proposer is not None:
+                self.proposer.warmup(self.runner, min(sched.max_num_seqs, sched.max_num_prefill_seqs))
         # Everything alive now (JAX, transformers, the model) lives for the whole run: move it out of
         # the collector's generations, so the collections the per-step objects trigger stay cheap.
         gc.collect()
@@ -311,14 +326,24 @@ class LLMEngine:
         t0 = time.perf_counter()
         try:
             copies = self.kv_cache.take_pending_copies()
+            if self.proposer is not None and self.proposer.drafts_after_scheduling:
+                if copies:  # copy-on-write first: the drafts write into the fresh pages
+                    self.runner.copy_pages(copies)
+                    copies = []
+                t = time.perf_counter()
+                self.proposer.fill(sched_out, self.runner, self.kv_cache.block_tables)
+                self.spec_metrics.proposal_seconds += time.perf_counter() - t
             model_out = self.runner.execute(sched_out, self.kv_cache.block_tables, copies)
         except Exception as e:  # any fault of the step fails only that step's requests
             return self._fail_step(sched_out, e)
         self.last_step_result = model_out
+        self._count_verified(sched_out, model_out, time.perf_counter() - t0)
         updates = self.scheduler.update_from_output(sched_out, model_out)
         outputs = self.output_processor.process(updates, final_only)
         if self._beam_groups:
             outputs += self._advance_beam_groups()
+        if self.proposer is not None:
+            self._propose(model_out)
         self.metrics.on_step(
             sched_out.num_tokens,
             sum(len(u.new_token_ids) for u in updates),
@@ -327,6 +352,37 @@ class LLMEngine:
             time.perf_counter() - t0,
         )
         return outputs
+
+    def _propose(self, model_out: ModelOutput) -> None:
+        """Draft tokens for the running requests that decode next step (speculative decoding).
+        Requests still in their prompt (the first token, where n > 1 samples fork, comes from the
+        plain prefill) and beams (their controller picks continuations from one row) get none."""
+        running = self.scheduler.running
+        if not self.config.speculative.active(len(running)):
+            self.spec_metrics.num_disabled_steps += 1
+            return
+        t = time.perf_counter()
+        decoding = [
+            r
+            for r in running
+            if r.num_output_tokens
+            and not r.hold_samples
+            and not r.is_finished
+            and r.num_computed_tokens == r.num_tokens - 1
+        ]
+        for rid, drafts in self.proposer.propose(decoding, model_out).items():
+            self.scheduler.requests[rid].spec_token_ids = drafts
+        self.spec_metrics.proposal_seconds += time.perf_counter() - t
+
+    def _count_verified(self, sched_out: SchedulerOutput, model_out: ModelOutput, seconds: float) -> None:
+        verified = False
+        for ch in sched_out.prefills:
+            if ch.num_spec_tokens and ch.request.request_id in model_out.sampled:
+                accepted = len(model_out.sampled[ch.request.request_id]) - 1
+                self.spec_metrics.on_verified(ch.num_spec_tokens, accepted)
+                verified = True
+        if verified:
+            self.spec_metrics.verification_seconds += seconds
 
     def _fail_step(self, sched_out: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
         """End the failed step's user requests with an error; recover the KV pool if it was lost."""
@@ -369,6 +425,7 @@ class LLMEngine:
             num_compiles=self.runner.num_compiles,
             compile_seconds=self.runner.compile_seconds,
             num_preemptions=self.scheduler.num_preemptions,
+            **(self.spec_metrics.snapshot() if self.proposer is not None else {}),
         )
 
 
@@ -379,6 +436,7 @@ def engine_config(args: EngineArgs, model_max_len: int, dtype: str) -> EngineCon
         raise ValueError(
             f"max_model_len ({max_len}) exceeds the model's max_position_embeddings ({model_max_len})"
         )
+    spec = SpeculativeConfig.parse(args.speculative_config)
     return EngineConfig(
         model=args.model,
         dtype=dtype,
@@ -397,9 +455,11 @@ def engine_config(args: EngineArgs, model_max_len: int, dtype: str) -> EngineCon
             max_model_len=max_len,
             max_num_prefill_seqs=args.max_num_prefill_seqs,
             policy=args.scheduling_policy,
+            num_speculative_tokens=spec.num_speculative_tokens if spec else 0,
         ),
         attention_backend=args.attention_backend,
         matmul_backend=args.matmul_backend,
         warmup=args.warmup,
         compilation_cache_dir=args.compilation_cache_dir,
+        speculative=spec,
     )

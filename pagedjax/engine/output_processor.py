@@ -112,8 +112,15 @@ class OutputProcessor:
             stop_str = detok.add_token(token)
             if stop_str is None or first_out + k + 1 < sp.min_tokens:
                 continue
-            if req.status == RequestStatus.FINISHED_STOPPED and req.stop_reason is not None:
+            last = k == len(update.new_token_ids) - 1
+            if last and req.status == RequestStatus.FINISHED_STOPPED and req.stop_reason is not None:
                 return  # a stop token ended it on this very token: that reason wins
+            if not last:  # several tokens this step (speculative decoding): none past the stop string
+                del req.output_token_ids[first_out + k + 1 :]
+                del update.new_token_ids[k + 1 :]
+                if req.logprobs is not None and update.new_logprobs is not None:
+                    del req.logprobs[first_out + k + 1 :]
+                    del update.new_logprobs[k + 1 :]
             req.stop_reason = stop_str
             if req.is_finished:  # ended by length on this token: the stop string wins (as in vLLM)
                 req.status = RequestStatus.FINISHED_STOPPED

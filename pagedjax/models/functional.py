@@ -14,7 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 from pagedjax.config import ModelConfig
 from pagedjax.models.step_inputs import AttentionOps, StepInputs
@@ -58,3 +60,69 @@ def make_forward(model_cls: type[nnx.Module]) -> Callable:
 
     forward.__name__ = f"{model_cls.__name__}_forward"
     return forward
+
+
+def make_layer_skip_draft(model_cls: type[nnx.Module]) -> Callable:
+    """draft(params, config, k_cache, v_cache, tokens, positions, tables, num_drafts, ops, *,
+    num_layers, num_tokens, page_size) -> (drafts i32[D, num_tokens], k_cache, v_cache).
+
+    Self-speculation: the model's first `num_layers` layers, final norm and LM head propose
+    `num_tokens` greedy tokens per row, one decode-shaped pass per token inside one `lax.scan` (no
+    host round trip between drafts). Row r starts from `tokens[r]` at `positions[r]` and writes K/V
+    of the first `num_layers` layers into the target's own pages for positions
+    `positions[r] .. positions[r] + num_drafts[r] - 1` (writes past that are dropped); the target's
+    verification step covers those positions and overwrites them with its own values.
+    """
+
+    def draft(
+        params,
+        config,
+        k_cache,
+        v_cache,
+        tokens,
+        positions,
+        tables,
+        num_drafts,
+        ops,
+        *,
+        num_layers: int,
+        num_tokens: int,
+        page_size: int,
+    ):
+        from pallas_kernels import AttentionMetadata
+
+        model = bind(model_cls, config, params)
+        D, P = tables.shape
+        num_pages = k_cache.shape[2]
+        num_live = jnp.sum(num_drafts > 0).astype(jnp.int32)  # live rows come first
+        none = jnp.zeros((0, P), jnp.int32)
+        empty = jnp.zeros((0,), jnp.int32)
+
+        def one_token(carry, i):
+            tok, kc, vc = carry
+            pos = positions + i
+            live = i < num_drafts
+            page = jnp.take_along_axis(tables, jnp.minimum(pos // page_size, P - 1)[:, None], axis=1)[:, 0]
+            meta = AttentionMetadata(
+                tables, jnp.where(live, pos + 1, 0), none, empty, empty, empty, jnp.int32(0)
+            )
+            inputs = StepInputs(
+                tok,
+                pos,
+                jnp.where(live, page, num_pages),  # out of range: the write is dropped
+                pos % page_size,
+                jnp.arange(D, dtype=jnp.int32),
+                meta,
+                jnp.stack([jnp.int32(0), num_live, jnp.int32(D), jnp.int32(D)]),
+            )
+            h, kc, vc = model.hidden_states(kc, vc, inputs, ops, num_layers=num_layers)
+            nxt = jnp.argmax(model.compute_logits(h), axis=-1).astype(jnp.int32)
+            return (nxt, kc, vc), nxt
+
+        (_, k_cache, v_cache), drafts = lax.scan(
+            one_token, (tokens, k_cache, v_cache), jnp.arange(num_tokens, dtype=jnp.int32)
+        )
+        return drafts.T, k_cache, v_cache
+
+    draft.__name__ = f"{model_cls.__name__}_layer_skip_draft"
+    return draft

@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from pagedjax.config import ModelConfig
-from pagedjax.models.functional import make_forward
+from pagedjax.models.functional import make_forward, make_layer_skip_draft
 from pagedjax.models.gemma2 import Gemma2ForCausalLM
 from pagedjax.models.gemma3 import Gemma3ForCausalLM
 from pagedjax.models.llama import LlamaForCausalLM
@@ -33,6 +33,7 @@ _ARCHITECTURES: dict[str, type[nnx.Module]] = {
     "Phi3ForCausalLM": Phi3ForCausalLM,
 }
 _FORWARDS: dict[type, Callable] = {}
+_DRAFTS: dict[type, Callable] = {}
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -59,6 +60,14 @@ def get_forward(config: ModelConfig) -> Callable:
     if cls not in _FORWARDS:
         _FORWARDS[cls] = make_forward(cls)
     return _FORWARDS[cls]
+
+
+def get_layer_skip_draft(config: ModelConfig) -> Callable:
+    """The architecture's self-speculative draft function (see models/functional.py)."""
+    cls = get_model_class(config)
+    if cls not in _DRAFTS:
+        _DRAFTS[cls] = make_layer_skip_draft(cls)
+    return _DRAFTS[cls]
 
 
 def build_params(tensors: Mapping[str, np.ndarray], config: ModelConfig, dtype) -> dict:

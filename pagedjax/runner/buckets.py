@@ -28,14 +28,23 @@ class StepShape:
     decode_rows: int  # D: decode query rows (one token each)
     prefill_tokens: int  # Tq: packed prefill query rows
     prefill_seqs: int  # Sp: prefill sequences the metadata has room for
+    spec_tokens: int = 0  # k: draft tokens a chunk may carry (speculative decoding), else 0
 
     @property
     def num_tokens(self) -> int:
         return self.decode_rows + self.prefill_tokens
 
     @property
+    def num_prefill_sample_rows(self) -> int:
+        """Logits rows of the prefill part: one per chunk, plus one per draft token to verify. A
+        chunk's drafts are its own tokens, so Tq bounds the total as well as Sp * (1 + k) does."""
+        if not self.spec_tokens:
+            return self.prefill_seqs
+        return min(self.prefill_tokens, self.prefill_seqs * (1 + self.spec_tokens))
+
+    @property
     def num_sample_rows(self) -> int:
-        return self.decode_rows + self.prefill_seqs
+        return self.decode_rows + self.num_prefill_sample_rows
 
 
 class BucketPolicy:
@@ -46,7 +55,9 @@ class BucketPolicy:
         max_num_prefill_seqs: int,
         min_decode_bucket: int = 8,
         min_prefill_bucket: int = 16,
+        spec_tokens: int = 0,
     ):
+        self.spec_tokens = spec_tokens
         self.decode_buckets = [0, *power_of_two_buckets(min(min_decode_bucket, max_num_seqs), max_num_seqs)]
         self.prefill_buckets = [
             0,
@@ -56,11 +67,12 @@ class BucketPolicy:
 
     def shape_for(self, num_decodes: int, num_prefill_tokens: int) -> StepShape:
         tq = round_up(num_prefill_tokens, self.prefill_buckets)
-        return StepShape(round_up(num_decodes, self.decode_buckets), tq, min(self.max_num_prefill_seqs, tq))
+        d = round_up(num_decodes, self.decode_buckets)
+        return StepShape(d, tq, min(self.max_num_prefill_seqs, tq), self.spec_tokens)
 
     def all_shapes(self) -> list[StepShape]:
         return [
-            StepShape(d, t, min(self.max_num_prefill_seqs, t))
+            StepShape(d, t, min(self.max_num_prefill_seqs, t), self.spec_tokens)
             for d in self.decode_buckets
             for t in self.prefill_buckets
             if d or t

@@ -22,14 +22,15 @@ from pagedjax.core.model_output import ModelOutput
 from pagedjax.core.scheduler import SchedulerOutput
 from pagedjax.models.layers.linear import pack_params, resolve_matmul_backend
 from pagedjax.models.params import resolve_dtype
-from pagedjax.models.registry import get_forward, get_model_class
-from pagedjax.models.step_inputs import StepInputs
-from pagedjax.runner.buckets import BucketPolicy, StepShape
+from pagedjax.models.registry import get_forward, get_layer_skip_draft, get_model_class
+from pagedjax.models.step_inputs import AttentionOps, StepInputs
+from pagedjax.runner.buckets import BucketPolicy, StepShape, round_up
 from pagedjax.runner.host_malloc import tune_host_malloc
 from pagedjax.runner.kv_cache import allocate_kv_cache, num_pages_for
 from pagedjax.sampling.metadata import SamplingRow, build_sampling_tensors
 from pagedjax.sampling.sampler import compute_logprobs, sample
 from pagedjax.sampling_params import SamplingParams
+from pagedjax.spec_decode.verify import verified_tokens
 from pallas_kernels import AttentionMetadata, get_attention_backend, get_fused_attention, get_kv_writer
 
 # Rows that sample nothing (padding, unfinished prefill chunks): greedy, no penalties, no extra compile.
@@ -80,7 +81,10 @@ class ModelRunner:
             config, self.num_pages, cache.block_size, self.cache_dtype
         )
         self.buckets = BucketPolicy(
-            sched.max_num_seqs, sched.max_num_batched_tokens, sched.max_num_prefill_seqs
+            sched.max_num_seqs,
+            sched.max_num_batched_tokens,
+            sched.max_num_prefill_seqs,
+            spec_tokens=sched.num_speculative_tokens,
         )
         shape = dict(head_dim=config.head_dim, page_size=cache.block_size)
         self.attention_fn = get_attention_backend(attention_backend, **shape)
@@ -103,6 +107,31 @@ class ModelRunner:
             )
 
         self._model_step = jax.jit(model_step, static_argnames=("all_logits",), donate_argnums=(1, 2))
+        draft = get_layer_skip_draft(config)
+        ops = AttentionOps(self.attention_fn, self.write_kv_fn, self.fused_attention_fn)
+
+        def draft_step(
+            params, k_cache, v_cache, tokens, positions, tables, num_drafts, num_layers, num_tokens
+        ):
+            return draft(
+                params,
+                config,
+                k_cache,
+                v_cache,
+                tokens,
+                positions,
+                tables,
+                num_drafts,
+                ops,
+                num_layers=num_layers,
+                num_tokens=num_tokens,
+                page_size=self.block_size,
+            )
+
+        # Layer-skip speculative drafts (compiled only when that method is configured).
+        self._draft_step = jax.jit(
+            draft_step, static_argnames=("num_layers", "num_tokens"), donate_argnums=(1, 2)
+        )
         # Ahead-of-time compiled step programs, one per (bucket shape, all_logits); see _executable.
         self._executables: dict[tuple[StepShape, bool], Any] = {}
         self._compile_lock = threading.Lock()
@@ -134,7 +163,7 @@ class ModelRunner:
         positions = np.zeros(T, np.int32)
         slot_pages = np.full(T, self.num_pages, np.int32)  # out of range -> write dropped
         slot_offsets = np.zeros(T, np.int32)
-        logits_idx = np.zeros(D + Sp, np.int32)
+        logits_idx = np.zeros(shape.num_sample_rows, np.int32)
         d_tables = np.zeros((D, P), np.int32)
         d_ctx = np.zeros(D, np.int32)
         p_tables = np.zeros((Sp, P), np.int32)
@@ -170,6 +199,8 @@ class ModelRunner:
             d_ctx[i] = ch.end
             logits_idx[i] = logits_row[id(ch)] = i
         row = 0
+        sample_row = D  # prefill chunks' logits rows: 1 + its drafts each, packed
+        prefill_rows = []
         for j, ch in enumerate(out.prefills):
             table = fill(D + row, ch)
             p_tables[j, : len(table)] = table
@@ -177,7 +208,13 @@ class ModelRunner:
             p_start[j] = row
             p_len[j] = ch.num_new_tokens
             row += ch.num_new_tokens
-            logits_idx[D + j] = logits_row[id(ch)] = D + row - 1
+            last = logits_row[id(ch)] = D + row - 1
+            # A chunk with s drafts is verified at its last s + 1 positions: the last real token
+            # (scores draft 1) through the last draft (scores the bonus token).
+            s = ch.num_spec_tokens
+            logits_idx[sample_row : sample_row + s + 1] = np.arange(last - s, last + 1)
+            prefill_rows.append(range(sample_row, sample_row + s + 1))
+            sample_row += s + 1
         # Forked samples occupy decode-row slots with no token (context 0: attention gives zeros) and
         # sample from their source's logits row.
         for k, ch in enumerate(out.forks):
@@ -186,7 +223,10 @@ class ModelRunner:
             d_tables, d_ctx, p_tables, p_ctx, p_start, p_len, np.int32(len(out.prefills))
         )
         valid_rows = np.array([0, len(out.decodes), D, D + row], np.int32)
-        return StepInputs(token_ids, positions, slot_pages, slot_offsets, logits_idx, meta, valid_rows)
+        inputs = StepInputs(token_ids, positions, slot_pages, slot_offsets, logits_idx, meta, valid_rows)
+        nd = len(out.decodes) + len(out.forks)
+        # Logits rows of each chunk, in `out.chunks` order (decodes, forks, prefills).
+        return inputs, [range(r, r + 1) for r in range(nd)] + prefill_rows
 
     # ------------------------------------------------------------------------------ execution
     def _shape(self, out: SchedulerOutput) -> StepShape:
@@ -224,10 +264,8 @@ class ModelRunner:
         if page_copies:
             self.copy_pages(list(page_copies))
         shape = self._shape(out)
-        inputs = self._build_inputs(out, shape, block_tables)
+        inputs, chunk_rows = self._build_inputs(out, shape, block_tables)
         chunks = out.chunks
-        nd = len(out.decodes) + len(out.forks)
-        row_of = list(range(nd)) + [shape.decode_rows + j for j in range(len(out.prefills))]
         want_prompt_lp = [
             c for c in out.prefills if c.request.sampling_params.prompt_logprobs is not None
         ] + [
@@ -253,9 +291,11 @@ class ModelRunner:
                     result.logits[ch.request.request_id] = (ch.start, host[r0 : r0 + ch.num_new_tokens])
 
         rows: list[SamplingRow] = [_PAD_ROW] * shape.num_sample_rows
-        for ch, r in zip(chunks, row_of, strict=True):
+        for ch, rs in zip(chunks, chunk_rows, strict=True):
             if ch.samples:
-                rows[r] = self._sampling_row(ch.request)
+                drafts = ch.request.spec_token_ids[: ch.num_spec_tokens]
+                for j, r in enumerate(rs):  # position j sees drafts 1..j as its latest outputs
+                    rows[r] = self._sampling_row(ch.request, drafts[:j])
         tensors, flags = build_sampling_tensors(rows, shape.num_sample_rows)
         new |= self._note_compile(
             (
@@ -277,19 +317,88 @@ class ModelRunner:
         ):
             tok_lp = np.asarray(sampled.token_logprobs)
             top_ids, top_lp = np.asarray(sampled.topk_ids), np.asarray(sampled.topk_logprobs)
-        for ch, r in zip(chunks, row_of, strict=True):
+        for ch, rs in zip(chunks, chunk_rows, strict=True):
             if not ch.samples:
                 continue
             rid = ch.request.request_id
-            result.sampled[rid] = [int(tokens[r])]
+            if ch.num_spec_tokens:
+                drafts = ch.request.spec_token_ids[: ch.num_spec_tokens]
+                emitted = verified_tokens(drafts, [int(tokens[r]) for r in rs])
+            else:
+                emitted = [int(tokens[rs[0]])]
+            result.sampled[rid] = emitted
             sp = ch.request.sampling_params
             if sp.logprobs is not None or (sp.best_of or 1) > sp.n:
-                lp = {int(top_ids[r, k]): float(top_lp[r, k]) for k in range(sp.logprobs or 0)}
-                lp[int(tokens[r])] = float(tok_lp[r])
-                result.logprobs[rid] = [lp]
+                entries = []
+                for token, r in zip(emitted, rs, strict=False):
+                    lp = {int(top_ids[r, k]): float(top_lp[r, k]) for k in range(sp.logprobs or 0)}
+                    lp[token] = float(tok_lp[r])
+                    entries.append(lp)
+                result.logprobs[rid] = entries
         if new:
             self.compile_seconds += time.perf_counter() - t0
         return result
+
+    # ------------------------------------------------------------------------------ drafting
+    def draft_layer_skip(
+        self, chunks: list, block_tables: dict[str, list[int]], num_layers: int, num_tokens: int
+    ) -> list[list[int]]:
+        """Self-speculative drafts for this step's verification chunks (run before the step, after
+        its pages were allocated and copied): the first `num_layers` layers propose each chunk's
+        `num_spec_tokens` drafts greedily, in one device call. Returns the drafts per chunk."""
+        rows = self._draft_rows(len(chunks))
+        tokens = np.zeros(rows, np.int32)
+        positions = np.zeros(rows, np.int32)
+        tables = np.zeros((rows, self.max_pages_per_seq), np.int32)
+        num_drafts = np.zeros(rows, np.int32)
+        for r, ch in enumerate(chunks):
+            table = block_tables[ch.request.request_id]
+            tokens[r] = ch.request.token_at(ch.start)  # the last sampled token
+            positions[r] = ch.start
+            tables[r, : len(table)] = table
+            num_drafts[r] = ch.num_spec_tokens
+        t0 = time.perf_counter()
+        new = self._note_compile(("draft", rows, num_layers, num_tokens))
+        drafts, self.k_cache, self.v_cache = self._draft_step(
+            self.params,
+            self.k_cache,
+            self.v_cache,
+            tokens,
+            positions,
+            tables,
+            num_drafts,
+            num_layers=num_layers,
+            num_tokens=num_tokens,
+        )
+        host = np.asarray(drafts)
+        if new:
+            self.compile_seconds += time.perf_counter() - t0
+        return [host[r, : ch.num_spec_tokens].tolist() for r, ch in enumerate(chunks)]
+
+    def _draft_rows(self, n: int) -> int:
+        return round_up(n, [b for b in self.buckets.decode_buckets if b])
+
+    def warmup_drafts(self, num_layers: int, num_tokens: int, max_rows: int) -> None:
+        """Compile the draft program for every row bucket up to `max_rows` (all-padding inputs:
+        every K/V write is dropped)."""
+        for rows in sorted({self._draft_rows(n) for n in range(1, max_rows + 1)}):
+            z = np.zeros(rows, np.int32)
+            tables = np.zeros((rows, self.max_pages_per_seq), np.int32)
+            t0 = time.perf_counter()
+            drafts, self.k_cache, self.v_cache = self._draft_step(
+                self.params,
+                self.k_cache,
+                self.v_cache,
+                z,
+                z,
+                tables,
+                z,
+                num_layers=num_layers,
+                num_tokens=num_tokens,
+            )
+            drafts.block_until_ready()
+            self._note_compile(("draft", rows, num_layers, num_tokens))
+            self.compile_seconds += time.perf_counter() - t0
 
     @staticmethod
     def _row_starts(out: SchedulerOutput, shape: StepShape) -> list[int]:
@@ -301,15 +410,18 @@ class ModelRunner:
             row += ch.num_new_tokens
         return starts
 
-    def _sampling_row(self, req) -> SamplingRow:
+    def _sampling_row(self, req, drafts: list[int] = ()) -> SamplingRow:
+        """The request's sampling row at the position after its output plus `drafts` (a
+        speculative chunk's later positions): penalties, min_tokens and the RNG counter all see
+        the drafts as outputs, exactly as a plain step at that position would."""
         sp = req.sampling_params
         blocked: list[int] = []
-        if req.num_output_tokens < sp.min_tokens:
+        if req.num_output_tokens + len(drafts) < sp.min_tokens:
             blocked = list(sp.stop_token_ids or []) + ([] if sp.ignore_eos else list(req.eos_token_ids))
         return SamplingRow(
             params=sp,
             prompt_ids=req.prompt_token_ids,
-            output_ids=req.output_token_ids,
+            output_ids=req.output_token_ids + list(drafts) if drafts else req.output_token_ids,
             seed=req.seed,
             blocked_ids=blocked,
         )

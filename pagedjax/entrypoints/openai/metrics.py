@@ -57,6 +57,30 @@ class _EngineCollector:
             "prefix_cache_evictions", "Cached pages evicted for reuse.", m.get("prefix_cache_evictions", 0)
         )
         yield gauge("kv_cache_pages_cached", "Pages holding a findable prefix.", m.get("kv_pages_cached", 0))
+        if "spec_num_drafts" in m:  # speculative decoding is on (vLLM's spec_decode_* names)
+            yield counter("spec_decode_num_drafts", "Chunks that verified drafts.", m["spec_num_drafts"])
+            yield counter(
+                "spec_decode_num_draft_tokens", "Draft tokens verified.", m["spec_num_draft_tokens"]
+            )
+            yield counter(
+                "spec_decode_num_accepted_tokens", "Draft tokens accepted.", m["spec_num_accepted_tokens"]
+            )
+            per_pos = CounterMetricFamily(
+                "pagedjax:spec_decode_num_accepted_tokens_per_pos",
+                "Draft tokens accepted at each position.",
+                labels=[*labels, "position"],
+            )
+            for j, n in enumerate(m["spec_accepted_per_position"]):
+                per_pos.add_metric([*lv, str(j)], float(n))
+            yield per_pos
+            yield counter(
+                "spec_decode_proposal_seconds", "Host time proposing drafts.", m["spec_proposal_seconds"]
+            )
+            yield counter(
+                "spec_decode_verification_seconds",
+                "Wall time of steps that verified drafts.",
+                m["spec_verification_seconds"],
+            )
 
 
 class ServerMetrics:

@@ -5,11 +5,11 @@ a logical axis ("expert") that a mesh can shard. Two ways to run them, both with
 Python and both exact:
 
 - `experts_dense`: every token through every expert, weighted by its (mostly zero) router weights:
-  one einsum, E / k times the FLOPs, but no data movement. Wins for tiny token counts.
+  one einsum, E / k times the FLOPs, but no data movement. Wins on CPU up to ~256 tokens.
 - `experts_grouped`: the (token, expert) pairs sorted by expert and cut into row tiles of one
   expert each (each expert's rows padded to whole tiles), then one loop over the tiles that exist,
   each a [tile, H] x [H, 2F] matmul on that expert's weights. FLOPs ~ the routed ones; each used
-  expert's weights are read once per tile. Wins as soon as tokens outnumber experts.
+  expert's weights are read once per tile. Wins for large steps (long prefill chunks).
 
 `MoEBlock` picks by the (static) token count; experiments/bench_moe.py measured the crossover.
 """
@@ -24,10 +24,14 @@ from jax import lax
 from pagedjax.models.layers.linear import float32_precision
 from pagedjax.models.layers.mlp import GatedMLP
 
-# Rows per expert tile of the grouped path, and the token counts below which the dense path runs
-# (its E / k extra FLOPs are cheaper than sorting and a loop then); see experiments/bench_moe.py.
+# Rows per expert tile of the grouped path, and the step token count up to which the dense path
+# runs. Measured by experiments/bench_moe.py (bf16, 2 cores, 2026-12-07): on XLA:CPU the grouped
+# loop (one small matmul per tile, each re-reading its expert's weights) loses to the one dense
+# einsum from 2 up to 256 tokens on both an Intel Xeon (AMX) and an AMD Zen 4 — 0.45-0.6x the
+# time for Mixtral-like 8 experts, 0.6-0.95x for Qwen3-MoE-like 128 — and only wins beyond
+# (E / k times the FLOPs catch up). Engine steps have at least 8 rows.
 GROUP_TILE = 16
-DENSE_MAX_TOKENS = 8
+DENSE_MAX_TOKENS = 256
 
 
 def route(logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
