@@ -87,7 +87,8 @@ class LLMEngine:
                 f"speculative_config num_draft_layers ({spec.num_draft_layers}) must be below the "
                 f"model's {self.model_config.num_layers} layers"
             )
-        self.proposer = make_proposer(spec) if spec else None
+        draft = self._load_draft_model(spec.model) if spec and spec.method == "draft_model" else None
+        self.proposer = make_proposer(spec, draft) if spec else None
         self.spec_metrics = SpecDecodeMetrics()
         eos = set(self.model_config.eos_token_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
@@ -352,6 +353,26 @@ class LLMEngine:
             time.perf_counter() - t0,
         )
         return outputs
+
+    def _load_draft_model(self, path: str):
+        """The draft model of `draft_model` speculation, attached to the runner (it mirrors every
+        step into its own pool). Its vocabulary must be the target's: drafts are token ids."""
+        from pagedjax.runner.draft_model import DraftModel
+
+        loaded = load_model(path, self.config.dtype)
+        target_vocab = self.tokenizer.get_vocab() if self.tokenizer is not None else None
+        draft_vocab = loaded.tokenizer.get_vocab() if loaded.tokenizer is not None else None
+        if loaded.config.vocab_size != self.model_config.vocab_size or (
+            target_vocab is not None and draft_vocab is not None and target_vocab != draft_vocab
+        ):
+            raise ValueError(
+                f"speculative_config draft model {path!r} has another vocabulary than the target "
+                f"({loaded.config.vocab_size} vs {self.model_config.vocab_size} ids, or different "
+                "tokens): drafts must be the target's token ids"
+            )
+        draft = DraftModel(loaded.config, loaded.params, self.runner)
+        self.runner.draft_model = draft
+        return draft
 
     def _propose(self, model_out: ModelOutput) -> None:
         """Draft tokens for the running requests that decode next step (speculative decoding).

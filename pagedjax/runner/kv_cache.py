@@ -52,3 +52,13 @@ def storage_dtype(dtype: jnp.dtype) -> jnp.dtype:
 def allocate_kv_cache(model: ModelConfig, num_pages: int, block_size: int, dtype: jnp.dtype):
     shape = (model.num_layers, model.num_kv_heads, num_pages, block_size, model.head_dim)
     return jnp.zeros(shape, storage_dtype(dtype)), jnp.zeros(shape, storage_dtype(dtype))
+
+
+def _copy_pages_impl(k_cache, v_cache, src, dst):
+    k_cache = k_cache.at[:, :, dst].set(k_cache[:, :, src], mode="drop")
+    v_cache = v_cache.at[:, :, dst].set(v_cache[:, :, src], mode="drop")
+    return k_cache, v_cache
+
+
+# Whole pages src -> dst in every layer, in place (donated); dst == num_pages is padding (dropped).
+copy_pages = jax.jit(_copy_pages_impl, donate_argnums=(0, 1))

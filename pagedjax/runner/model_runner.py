@@ -26,7 +26,7 @@ from pagedjax.models.registry import get_forward, get_layer_skip_draft, get_mode
 from pagedjax.models.step_inputs import AttentionOps, StepInputs
 from pagedjax.runner.buckets import BucketPolicy, StepShape, round_up
 from pagedjax.runner.host_malloc import tune_host_malloc
-from pagedjax.runner.kv_cache import allocate_kv_cache, num_pages_for
+from pagedjax.runner.kv_cache import allocate_kv_cache, copy_pages, num_pages_for
 from pagedjax.sampling.metadata import SamplingRow, build_sampling_tensors
 from pagedjax.sampling.sampler import compute_logprobs, sample
 from pagedjax.sampling_params import SamplingParams
@@ -41,15 +41,6 @@ PAGES_PER_CHUNK = 4  # KV pages per attention loop iteration (see pallas_kernels
 
 
 _prompt_logprobs = jax.jit(compute_logprobs, static_argnames=("num_logprobs",))
-
-
-def _copy_pages_impl(k_cache, v_cache, src, dst):
-    k_cache = k_cache.at[:, :, dst].set(k_cache[:, :, src], mode="drop")
-    v_cache = v_cache.at[:, :, dst].set(v_cache[:, :, src], mode="drop")
-    return k_cache, v_cache
-
-
-_copy_pages = jax.jit(_copy_pages_impl, donate_argnums=(0, 1))
 
 
 class ModelRunner:
@@ -87,6 +78,10 @@ class ModelRunner:
             spec_tokens=sched.num_speculative_tokens,
         )
         shape = dict(head_dim=config.head_dim, page_size=cache.block_size)
+        self.attention_backend = attention_backend
+        # Speculative decoding's draft model (runner/draft_model.py), when one is attached: it
+        # mirrors every step's batch into its own pool and its pages follow the target's.
+        self.draft_model = None
         self.attention_fn = get_attention_backend(attention_backend, **shape)
         self.write_kv_fn = get_kv_writer(attention_backend, **shape)
         # Backends that can write K/V inside the attention kernel (one call per layer) do so.
@@ -236,13 +231,16 @@ class ModelRunner:
 
     def kv_pool_lost(self) -> bool:
         """True when a failed step took the donated KV pool buffers with it."""
-        return self.k_cache.is_deleted() or self.v_cache.is_deleted()
+        lost = self.k_cache.is_deleted() or self.v_cache.is_deleted()
+        return lost or (self.draft_model is not None and self.draft_model.lost())
 
     def reallocate_kv_pool(self) -> None:
         """A fresh (zeroed) pool after a failed step lost the old one; every page's K/V is gone."""
         self.k_cache, self.v_cache = allocate_kv_cache(
             self.config, self.num_pages, self.block_size, self.cache_dtype
         )
+        if self.draft_model is not None:
+            self.draft_model.reallocate()
 
     def copy_pages(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole pages src -> dst in every layer of the pool (copy-on-write), in place."""
@@ -251,7 +249,9 @@ class ModelRunner:
         dst = np.full(n, self.num_pages, np.int32)  # padding: out of range -> dropped
         src[: len(copies)], dst[: len(copies)] = zip(*copies, strict=True)
         self._note_compile(("copy_pages", n))
-        self.k_cache, self.v_cache = _copy_pages(self.k_cache, self.v_cache, src, dst)
+        self.k_cache, self.v_cache = copy_pages(self.k_cache, self.v_cache, src, dst)
+        if self.draft_model is not None:
+            self.draft_model.copy_pages(src, dst)
 
     def execute(
         self,
@@ -266,6 +266,8 @@ class ModelRunner:
         shape = self._shape(out)
         inputs, chunk_rows = self._build_inputs(out, shape, block_tables)
         chunks = out.chunks
+        if self.draft_model is not None:
+            self.draft_model.mirror(inputs)
         want_prompt_lp = [
             c for c in out.prefills if c.request.sampling_params.prompt_logprobs is not None
         ] + [
@@ -346,19 +348,9 @@ class ModelRunner:
         """Self-speculative drafts for this step's verification chunks (run before the step, after
         its pages were allocated and copied): the first `num_layers` layers propose each chunk's
         `num_spec_tokens` drafts greedily, in one device call. Returns the drafts per chunk."""
-        rows = self._draft_rows(len(chunks))
-        tokens = np.zeros(rows, np.int32)
-        positions = np.zeros(rows, np.int32)
-        tables = np.zeros((rows, self.max_pages_per_seq), np.int32)
-        num_drafts = np.zeros(rows, np.int32)
-        for r, ch in enumerate(chunks):
-            table = block_tables[ch.request.request_id]
-            tokens[r] = ch.request.token_at(ch.start)  # the last sampled token
-            positions[r] = ch.start
-            tables[r, : len(table)] = table
-            num_drafts[r] = ch.num_spec_tokens
+        tokens, positions, tables, num_drafts = self.draft_inputs(chunks, block_tables)
         t0 = time.perf_counter()
-        new = self._note_compile(("draft", rows, num_layers, num_tokens))
+        new = self._note_compile(("draft", len(tokens), num_layers, num_tokens))
         drafts, self.k_cache, self.v_cache = self._draft_step(
             self.params,
             self.k_cache,
@@ -374,6 +366,22 @@ class ModelRunner:
         if new:
             self.compile_seconds += time.perf_counter() - t0
         return [host[r, : ch.num_spec_tokens].tolist() for r, ch in enumerate(chunks)]
+
+    def draft_inputs(self, chunks: list, block_tables: dict[str, list[int]]):
+        """Host arrays of a draft loop over verification chunks, padded to a row bucket: each row's
+        last sampled token, its position, block table and number of drafts to make."""
+        rows = self._draft_rows(len(chunks))
+        tokens = np.zeros(rows, np.int32)
+        positions = np.zeros(rows, np.int32)
+        tables = np.zeros((rows, self.max_pages_per_seq), np.int32)
+        num_drafts = np.zeros(rows, np.int32)
+        for r, ch in enumerate(chunks):
+            table = block_tables[ch.request.request_id]
+            tokens[r] = ch.request.token_at(ch.start)  # the last sampled token
+            positions[r] = ch.start
+            tables[r, : len(table)] = table
+            num_drafts[r] = ch.num_spec_tokens
+        return tokens, positions, tables, num_drafts
 
     def _draft_rows(self, n: int) -> int:
         return round_up(n, [b for b in self.buckets.decode_buckets if b])

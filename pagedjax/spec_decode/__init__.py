@@ -5,7 +5,7 @@ scores them in the ordinary ragged step; `verify.verified_tokens` keeps the acce
 """
 
 from pagedjax.spec_decode.config import SpeculativeConfig
-from pagedjax.spec_decode.layer_skip import LayerSkipProposer
+from pagedjax.spec_decode.layer_skip import DraftModelProposer, LayerSkipProposer
 from pagedjax.spec_decode.metrics import SpecDecodeMetrics
 from pagedjax.spec_decode.ngram import NgramProposer
 from pagedjax.spec_decode.proposer import Proposer
@@ -20,7 +20,10 @@ __all__ = [
 ]
 
 
-def make_proposer(config: SpeculativeConfig) -> Proposer:
+def make_proposer(config: SpeculativeConfig, draft_model=None) -> Proposer:
+    """The proposer of `config`; `draft_model` (runner/draft_model.py) for method draft_model."""
+    if config.method == "draft_model":
+        return DraftModelProposer(config.num_speculative_tokens, draft_model)
     if config.method == "ngram":
         return NgramProposer(
             config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max

@@ -2,7 +2,8 @@
 
 vLLM's keys: ``{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2,
 "prompt_lookup_max": 4, "disable_by_batch_size": 32}``, or ``{"method": "layer_skip",
-"num_draft_layers": 15, "num_speculative_tokens": 3}`` (self-speculation). An unknown method or
+"num_draft_layers": 15, "num_speculative_tokens": 3}`` (self-speculation), or ``{"method":
+"draft_model", "model": "path/to/small_model", "num_speculative_tokens": 4}``. An unknown method or
 key, or a value out of
 range, is a ValueError before any request is queued.
 """
@@ -14,9 +15,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-METHODS = ("ngram", "layer_skip")
+METHODS = ("ngram", "layer_skip", "draft_model")
 # Methods named by the design that are not built yet: a clear error instead of silently ignoring.
-PLANNED_METHODS = ("draft_model", "eagle")
+PLANNED_METHODS = ("eagle",)
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4  # ngram: longest suffix tried first
     disable_by_batch_size: int | None = None  # no drafts in a step when more requests run
     num_draft_layers: int | None = None  # layer_skip: the target's first m layers draft
+    model: str | None = None  # draft_model: HF folder or .gguf of a smaller model, same vocabulary
 
     def __post_init__(self) -> None:
         if self.method in PLANNED_METHODS:
@@ -54,6 +56,11 @@ class SpeculativeConfig:
             )
         if self.method != "layer_skip" and self.num_draft_layers is not None:
             raise ValueError("speculative_config num_draft_layers applies to method 'layer_skip' only")
+        if (self.method == "draft_model") != (self.model is not None):
+            raise ValueError(
+                "speculative_config 'model' (the draft model's path) is required by method "
+                "'draft_model' and applies to it only"
+            )
         if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
             raise ValueError(
                 f"speculative_config disable_by_batch_size must be >= 1, got {self.disable_by_batch_size}"

@@ -44,3 +44,22 @@ class LayerSkipProposer(Proposer):
 
     def warmup(self, runner, max_rows: int) -> None:
         runner.warmup_drafts(self.num_draft_layers, self.k, max_rows)
+
+
+class DraftModelProposer(LayerSkipProposer):
+    """A smaller model with the target's vocabulary drafts (`runner/draft_model.py`): the same
+    reserve-then-fill flow as layer skip, its own weights and KV pool."""
+
+    def __init__(self, num_speculative_tokens: int, draft_model):
+        super().__init__(num_speculative_tokens, num_draft_layers=0)
+        self.draft_model = draft_model
+
+    def fill(self, sched_out: SchedulerOutput, runner, block_tables: dict[str, list[int]]) -> None:
+        chunks = [ch for ch in sched_out.prefills if ch.num_spec_tokens]
+        if not chunks:
+            return
+        for ch, d in zip(chunks, self.draft_model.draft(chunks, block_tables, self.k), strict=True):
+            ch.request.spec_token_ids = d
+
+    def warmup(self, runner, max_rows: int) -> None:
+        self.draft_model.warmup(runner.buckets.all_shapes(), self.k, max_rows)

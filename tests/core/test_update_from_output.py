@@ -2,7 +2,8 @@
 draft tokens (the speculative-decoding shape of a step), as a Hypothesis state machine.
 
 A simulated runner writes each scheduled token (drafts included) into a fake page pool, then
-"verifies" a random prefix of each request's drafts and adds a bonus token. After every step:
+"verifies" a random prefix of each request's drafts and adds a bonus token; requests are also
+aborted at random (while speculating, waiting or preempted). After every step:
 no page is leaked or double-owned, computed tokens never exceed total tokens, a running request's
 pages cover exactly its computed tokens, every request reads back exactly its own verified tokens
 (also through adopted cached prefixes, so no page holding a rejected draft was ever cached), and at
@@ -69,6 +70,15 @@ class SpecDecodeMachine(RuleBasedStateMachine):
             if data.draw(st.booleans(), label="draft?"):
                 k = data.draw(st.integers(1, 5), label="k")
                 req.spec_token_ids = [self.rng.choice([EOS, 3, 4, 4, 4]) for _ in range(k)]
+
+    @precondition(lambda self: self.sched.num_unfinished)
+    @rule(data=st.data())
+    def abort(self, data):
+        """Abort one unfinished request (running with drafts, waiting, or preempted)."""
+        live = [r for r in self.sched.requests.values() if not r.is_finished]
+        req = data.draw(st.sampled_from(live), label="abort")
+        self.sched.finish(req, RequestStatus.FINISHED_ABORTED)
+        assert req.request_id not in self.kv.block_tables
 
     @precondition(lambda self: self.sched.num_unfinished)
     @rule()

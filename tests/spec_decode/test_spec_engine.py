@@ -1,6 +1,7 @@
 """Speculative decoding through the real engine, for each method (n-gram lookup, layer-skip
-self-speculation): exactly the tokens of the engine without speculation — greedy and seeded sampling, with a pool so small that requests are preempted,
-prefix caching, n = 2, varied max_tokens (landing inside accepted runs), stop strings and aborts."""
+self-speculation): exactly the tokens of the engine without speculation, greedy and seeded
+sampling, with a pool so small that requests are preempted, prefix caching, n = 2, varied
+max_tokens (landing inside accepted runs), stop strings and aborts."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from pagedjax import LLM, SamplingParams
 METHODS = {
     "ngram": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3},
     "layer_skip": {"method": "layer_skip", "num_draft_layers": 1, "num_speculative_tokens": 3},
+    # The target drafting for itself through the draft-model machinery (its own pool, mirrored
+    # steps): nearly every draft is accepted, so long accepted runs are exercised too.
+    "draft_model": {"method": "draft_model", "model": "<target>", "num_speculative_tokens": 3},
 }
 COMMON = dict(
     dtype="float32",
@@ -56,7 +60,10 @@ def plain(path):
 
 @pytest.fixture(scope="module", params=list(METHODS))
 def spec(path, request):
-    return LLM(path, speculative_config=METHODS[request.param], **COMMON)
+    config = dict(METHODS[request.param])
+    if config.get("model") == "<target>":
+        config["model"] = path
+    return LLM(path, speculative_config=config, **COMMON)
 
 
 def run(llm, params):

@@ -52,7 +52,9 @@ def test_speculative_config_errors_are_clear():
         ("[1, 2]", "JSON object"),
         ({"method": "ngram"}, "num_speculative_tokens"),
         ({"method": "medusa", "num_speculative_tokens": 2}, "must be one of"),
-        ({"method": "draft_model", "num_speculative_tokens": 2}, "not implemented yet"),
+        ({"method": "eagle", "num_speculative_tokens": 2}, "not implemented yet"),
+        ({"method": "draft_model", "num_speculative_tokens": 2}, "is required by method"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "model": "x"}, "applies to it only"),
         ({"method": "ngram", "num_speculative_tokens": 0}, ">= 1"),
         ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5}, "prompt_lookup_min"),
         ({"method": "ngram", "num_speculative_tokens": 2, "typo": 1}, "unknown keys"),
@@ -103,3 +105,32 @@ def test_layer_skip_needs_fewer_draft_layers_than_the_model(model_dir):
     spec = {"method": "layer_skip", "num_draft_layers": 2, "num_speculative_tokens": 2}
     with pytest.raises(ValueError, match="must be below the model's 2 layers"):
         LLM(model_dir("llama"), speculative_config=spec, warmup=False, compilation_cache_dir="off")
+
+
+def test_draft_model_with_another_vocabulary_is_refused(model_dir):
+    from pagedjax import LLM
+
+    other = model_dir("llama", vocab_size=640)
+    spec = {"method": "draft_model", "model": other, "num_speculative_tokens": 2}
+    with pytest.raises(ValueError, match="another vocabulary"):
+        LLM(model_dir("llama"), speculative_config=spec, warmup=False, compilation_cache_dir="off")
+
+
+def test_a_smaller_draft_model_gives_the_targets_greedy_tokens(model_dir):
+    """A 1-layer model of the same vocabulary drafts for the 2-layer target."""
+    from pagedjax import LLM, SamplingParams
+
+    settings = dict(dtype="float32", warmup=False, compilation_cache_dir="off", max_model_len=96)
+    target = model_dir("llama")
+    spec = {
+        "method": "draft_model",
+        "model": model_dir("llama", num_hidden_layers=1),
+        "num_speculative_tokens": 3,
+    }
+    prompts = [{"prompt_token_ids": [5 + i, 6, 7, 8, 5 + i, 6, 7]} for i in range(6)]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    with_draft = LLM(target, speculative_config=spec, **settings)
+    got = [o.outputs[0].token_ids for o in with_draft.generate(prompts, params, use_tqdm=False)]
+    want = [o.outputs[0].token_ids for o in LLM(target, **settings).generate(prompts, params, use_tqdm=False)]
+    assert got == want
+    assert with_draft.get_metrics()["spec_num_draft_tokens"] > 0
