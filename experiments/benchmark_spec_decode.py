@@ -94,9 +94,24 @@ def main() -> None:
     p.add_argument("--workloads", default="grounded,chat")
     p.add_argument(
         "--methods",
-        default='ngram={"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, '
-        '"prompt_lookup_max": 4, "disable_by_batch_size": 8}',
-        help="NAME=JSON, separated by ';' (the baseline without speculation always runs)",
+        default=";".join(
+            [
+                'ngram={"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, '
+                '"prompt_lookup_max": 4, "disable_by_batch_size": 8}',
+                # layer skip with 1/3, 1/2 and 2/3 of SmolLM2-135M's 30 layers drafting
+                *(
+                    f'layer_skip_{m}={{"method": "layer_skip", "num_draft_layers": {m}, '
+                    f'"num_speculative_tokens": 3, "disable_by_batch_size": 8}}'
+                    for m in (10, 15, 20)
+                ),
+                # no smaller sibling of the built-in model is installable: it drafts for itself
+                # (acceptance ceiling, cost ceiling of the draft-model machinery)
+                'draft_model_self={"method": "draft_model", "model": "<default>", '
+                '"num_speculative_tokens": 3, "disable_by_batch_size": 8}',
+            ]
+        ),
+        help="NAME=JSON, separated by ';' (the baseline without speculation always runs); "
+        'model "<default>" is the built-in GGUF',
     )
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--requests-per-batch", type=int, default=2, help="requests = this * batch size")
@@ -109,7 +124,12 @@ def main() -> None:
     methods = {"none": None}
     for item in filter(None, args.methods.split(";")):
         name, cfg = item.split("=", 1)
-        methods[name.strip()] = json.loads(cfg)
+        cfg = json.loads(cfg)
+        if cfg.get("model") == "<default>":
+            from pagedjax.models.default_model import default_model_path
+
+            cfg["model"] = str(default_model_path())
+        methods[name.strip()] = cfg
     num = max(args.min_requests, args.requests_per_batch * max(batches))
     rows = []
     data = None

@@ -60,6 +60,9 @@ def test_flags_parse_into_the_same_engine_args():
     # --model works as well as the positional
     args = _subparser("serve").parse_args(["--model", "m2", "--no-warmup"])
     assert engine_args_from(args).model == "m2" and engine_args_from(args).warmup is False
+    spec = '{"method": "ngram", "num_speculative_tokens": 4}'
+    args = _subparser("serve").parse_args(["--speculative-config", spec])
+    assert engine_args_from(args).speculative_config == spec
 
 
 def test_every_field_is_an_llm_keyword_and_engine_args_round_trip():

@@ -67,7 +67,7 @@ def make_layer_skip_draft(model_cls: type[nnx.Module]) -> Callable:
     num_layers, num_tokens, page_size) -> (drafts i32[D, num_tokens], k_cache, v_cache).
 
     Self-speculation: the model's first `num_layers` layers, final norm and LM head propose
-    `num_tokens` greedy tokens per row, one decode-shaped pass per token inside one `lax.scan` (no
+    `num_tokens` greedy tokens per row, one decode-shaped pass per token, all in one jitted call (no
     host round trip between drafts). Row r starts from `tokens[r]` at `positions[r]` and writes K/V
     of the first `num_layers` layers into the target's own pages for positions
     `positions[r] .. positions[r] + num_drafts[r] - 1` (writes past that are dropped); the target's
@@ -119,10 +119,15 @@ def make_layer_skip_draft(model_cls: type[nnx.Module]) -> Callable:
             nxt = jnp.argmax(model.compute_logits(h), axis=-1).astype(jnp.int32)
             return (nxt, kc, vc), nxt
 
-        (_, k_cache, v_cache), drafts = lax.scan(
-            one_token, (tokens, k_cache, v_cache), jnp.arange(num_tokens, dtype=jnp.int32)
-        )
-        return drafts.T, k_cache, v_cache
+        # Unrolled over the k drafts (k is small): a `lax.scan` carrying the page pool made XLA:CPU
+        # copy the pool every iteration (measured 50 ms vs ~15 ms for 3 drafts on the built-in
+        # model); unrolled, each pass updates the donated pool in place like a model step.
+        carry, drafts = (tokens, k_cache, v_cache), []
+        for i in range(num_tokens):
+            carry, nxt = one_token(carry, jnp.int32(i))
+            drafts.append(nxt)
+        _, k_cache, v_cache = carry
+        return jnp.stack(drafts, axis=1), k_cache, v_cache
 
     draft.__name__ = f"{model_cls.__name__}_layer_skip_draft"
     return draft

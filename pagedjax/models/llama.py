@@ -149,7 +149,7 @@ class LlamaForCausalLM(nnx.Module):
         """One step: (logits f32[S, V] at `logits_indices` — or [T, V] if all_logits —, caches)."""
         keep = None if all_logits else inputs.logits_indices
         h, k_cache, v_cache = self.hidden_states(k_cache, v_cache, inputs, ops, keep)
-        return self.compute_logits(h), k_cache, v_cache
+        return self.compute_logits(h, None if all_logits else inputs.logits_valid_rows), k_cache, v_cache
 
     def hidden_states(
         self, k_cache, v_cache, inputs: StepInputs, ops: AttentionOps, keep_rows=None, num_layers=None
@@ -171,7 +171,7 @@ class LlamaForCausalLM(nnx.Module):
         def run_layer(h, kc, vc, idx, kind: LayerKind, keep=None):
             attn, kc, vc = layers.attention_half(h, kc, vc, idx, inputs, ops, ropes[kind.rope], kind)
             if keep is not None:
-                return layers.output_half(h[keep], attn[keep], idx, None), kc, vc
+                return layers.output_half(h[keep], attn[keep], idx, inputs.logits_valid_rows), kc, vc
             return layers.output_half(h, attn, idx, rows), kc, vc
 
         # Scan over groups of `period` layers (one traced group body); the layers after the last
@@ -200,11 +200,11 @@ class LlamaForCausalLM(nnx.Module):
         """The residual stream's start, f32 [T, H] (Gemma scales it)."""
         return self.embed(token_ids)
 
-    def compute_logits(self, h: jax.Array) -> jax.Array:
+    def compute_logits(self, h: jax.Array, valid_rows: jax.Array | None = None) -> jax.Array:
         """Final norm + LM head (tied embeddings reuse the embedding matrix) -> float32 logits,
         soft-capped when the config says so (Gemma 2)."""
         x = self.final_norm(h)
-        logits = self.lm_head(x) if self.lm_head is not None else self.embed.attend(x)
+        logits = self.lm_head(x, None, valid_rows) if self.lm_head is not None else self.embed.attend(x)
         cap = self.config.final_logit_softcapping
         return logits if cap is None else cap * jnp.tanh(logits / cap)
 

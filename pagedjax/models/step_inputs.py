@@ -27,6 +27,9 @@ class StepInputs:
     # Rows [v0, v1) and [v2, v3) hold real tokens (the step's decodes, then its packed prefill
     # tokens); the rest pad the bucket. Matmul kernels may skip padding rows. None: all rows.
     valid_rows: jax.Array | None = None  # i32[4]
+    # The same for the `logits_indices` rows (speculative decoding pads them to a static count that
+    # most steps do not fill): the last layer's pruned rows and the LM head may skip the rest.
+    logits_valid_rows: jax.Array | None = None  # i32[4]
 
 
 @dataclass(frozen=True)

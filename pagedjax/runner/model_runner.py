@@ -218,8 +218,11 @@ class ModelRunner:
             d_tables, d_ctx, p_tables, p_ctx, p_start, p_len, np.int32(len(out.prefills))
         )
         valid_rows = np.array([0, len(out.decodes), D, D + row], np.int32)
-        inputs = StepInputs(token_ids, positions, slot_pages, slot_offsets, logits_idx, meta, valid_rows)
         nd = len(out.decodes) + len(out.forks)
+        logits_valid = np.array([0, nd, D, sample_row], np.int32) if shape.spec_tokens else None
+        inputs = StepInputs(
+            token_ids, positions, slot_pages, slot_offsets, logits_idx, meta, valid_rows, logits_valid
+        )
         # Logits rows of each chunk, in `out.chunks` order (decodes, forks, prefills).
         return inputs, [range(r, r + 1) for r in range(nd)] + prefill_rows
 
@@ -481,6 +484,7 @@ class ModelRunner:
             np.zeros(shape.num_sample_rows, np.int32),
             meta,
             np.zeros(4, np.int32),  # no valid rows
+            np.zeros(4, np.int32) if shape.spec_tokens else None,
         )
 
     def _executable(self, shape: StepShape, all_logits: bool):

@@ -72,7 +72,10 @@ def run(llm, params):
 
 
 def greedy_params():
-    return [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in MAX_TOKENS]
+    return [
+        SamplingParams(n=2 if i % 4 == 0 else 1, temperature=0.0, max_tokens=m, ignore_eos=True)
+        for i, m in enumerate(MAX_TOKENS)
+    ]
 
 
 def test_greedy_identical_with_and_without_speculation(plain, spec):
