@@ -156,6 +156,7 @@ def main() -> None:
                     f"  TPOT {r['mean_tpot_ms'] or 0:7.1f} ms{extra}",
                     flush=True,
                 )
+            llm.shutdown()  # free its weights and pool before the next engine (same process)
             del llm
     # Ratios against the baseline of the same batch and workload, and the exactness check.
     base = {(r["batch"], r["workload"]): r for r in rows if r["method"] == "none"}

@@ -217,6 +217,9 @@ class SchedulerConfig:
     policy: str = "fcfs"  # "fcfs" or "priority"
     # Speculative decoding: most draft tokens one request verifies per step (0: off).
     num_speculative_tokens: int = 0
+    # Most requests verifying drafts in one step (bounds the verification logits rows); the engine
+    # sets it from disable_by_batch_size; the default caps nothing.
+    max_num_spec_seqs: int = 2**31 - 1
 
 
 @dataclass(frozen=True)

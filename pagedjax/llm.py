@@ -137,6 +137,10 @@ class LLM:
             bar.close()
         return [results[i] for i in ids]
 
+    def shutdown(self) -> None:
+        """Free this engine's device memory now (see `LLMEngine.shutdown`); unusable after."""
+        self.llm_engine.shutdown()
+
     def get_metrics(self) -> dict[str, Any]:
         """Engine counters: tokens, steps, KV pages used/free, mean KV waste, compiles, preemptions."""
         return self.llm_engine.get_metrics()

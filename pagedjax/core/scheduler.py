@@ -295,9 +295,11 @@ class Scheduler:
 
         # 1. Running requests, in order; preempt from the back when pages run out.
         i = 0
+        num_speculating = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens + self._num_spec_to_verify(req) - req.num_computed_tokens, budget)
+            spec = self._num_spec_to_verify(req) if num_speculating < cfg.max_num_spec_seqs else 0
+            num_new = min(req.num_tokens + spec - req.num_computed_tokens, budget)
             if num_new == 0 or req.request_id in scheduled:  # e.g. a beam waiting for its siblings
                 i += 1
                 continue
@@ -315,6 +317,7 @@ class Scheduler:
                     break
             else:
                 self._add_chunk(out, req, num_new, scheduled)
+                num_speculating += req.num_computed_tokens + num_new > req.num_tokens
                 budget -= num_new
                 i += 1
 

@@ -432,6 +432,23 @@ class LLMEngine:
         """Forget every cached prefix; later requests recompute them. Returns pages dropped."""
         return self.kv_cache.reset_prefix_cache()
 
+    def shutdown(self) -> None:
+        """Free the device memory (weights, KV pools, draft model) now; the engine is unusable after.
+        Dropping the last reference is not enough: the engine's objects are moved out of the
+        collector's generations at start-up (`gc.freeze`), so a second engine in one process (a
+        notebook, a benchmark sweep) would otherwise keep the first one's buffers."""
+        import jax
+
+        runner = self.runner
+        buffers = [runner.k_cache, runner.v_cache, *jax.tree_util.tree_leaves(runner.params)]
+        if runner.draft_model is not None:
+            d = runner.draft_model
+            buffers += [d.k_cache, d.v_cache, *jax.tree_util.tree_leaves(d.params)]
+        for x in buffers:
+            if isinstance(x, jax.Array) and not x.is_deleted():
+                x.delete()
+        runner._executables.clear()
+
     def get_metrics(self) -> dict[str, Any]:
         stats = self.kv_cache.stats()
         kv = self.kv_cache
@@ -477,6 +494,12 @@ def engine_config(args: EngineArgs, model_max_len: int, dtype: str) -> EngineCon
             max_num_prefill_seqs=args.max_num_prefill_seqs,
             policy=args.scheduling_policy,
             num_speculative_tokens=spec.num_speculative_tokens if spec else 0,
+            # Drafts are made only in steps with <= disable_by_batch_size requests running.
+            max_num_spec_seqs=min(
+                args.max_num_seqs, args.max_num_prefill_seqs, spec.disable_by_batch_size or args.max_num_seqs
+            )
+            if spec
+            else 0,
         ),
         attention_backend=args.attention_backend,
         matmul_backend=args.matmul_backend,

@@ -16,7 +16,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax import lax
 
 from pagedjax.config import ModelConfig
 from pagedjax.models.step_inputs import AttentionOps, StepInputs

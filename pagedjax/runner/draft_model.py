@@ -11,6 +11,8 @@ decode passes per speculative step.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import numpy as np
 
@@ -20,6 +22,31 @@ from pagedjax.models.registry import get_forward, get_layer_skip_draft, get_mode
 from pagedjax.models.step_inputs import AttentionOps, StepInputs
 from pagedjax.runner.kv_cache import allocate_kv_cache, copy_pages
 from pallas_kernels import get_attention_backend, get_fused_attention, get_kv_writer
+
+
+def jit_draft_loop(config: ModelConfig, ops: AttentionOps, page_size: int):
+    """The architecture's draft loop (models/functional.make_layer_skip_draft) bound to a config,
+    attention ops and page size, jitted with the page pool donated:
+    step(params, k_cache, v_cache, tokens, positions, tables, num_drafts, *, num_layers, num_tokens)."""
+    draft = get_layer_skip_draft(config)
+
+    def step(params, k_cache, v_cache, tokens, positions, tables, num_drafts, num_layers, num_tokens):
+        return draft(
+            params,
+            config,
+            k_cache,
+            v_cache,
+            tokens,
+            positions,
+            tables,
+            num_drafts,
+            ops,
+            num_layers=num_layers,
+            num_tokens=num_tokens,
+            page_size=page_size,
+        )
+
+    return jax.jit(step, static_argnames=("num_layers", "num_tokens"), donate_argnums=(1, 2))
 
 
 class DraftModel:
@@ -39,7 +66,7 @@ class DraftModel:
             get_kv_writer(backend, **shape),
             get_fused_attention(backend, **shape),
         )
-        forward, draft = get_forward(config), get_layer_skip_draft(config)
+        forward = get_forward(config)
 
         def mirror_step(params, k_cache, v_cache, inputs: StepInputs):
             _, k_cache, v_cache = forward(
@@ -47,24 +74,8 @@ class DraftModel:
             )
             return k_cache, v_cache
 
-        def draft_step(params, k_cache, v_cache, tokens, positions, tables, num_drafts, num_tokens):
-            return draft(
-                params,
-                config,
-                k_cache,
-                v_cache,
-                tokens,
-                positions,
-                tables,
-                num_drafts,
-                ops,
-                num_layers=config.num_layers,
-                num_tokens=num_tokens,
-                page_size=target.block_size,
-            )
-
         self._mirror = jax.jit(mirror_step, donate_argnums=(1, 2))
-        self._draft = jax.jit(draft_step, static_argnames=("num_tokens",), donate_argnums=(1, 2))
+        self._draft = partial(jit_draft_loop(config, ops, target.block_size), num_layers=config.num_layers)
 
     @property
     def kv_bytes(self) -> int:

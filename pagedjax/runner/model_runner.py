@@ -22,9 +22,10 @@ from pagedjax.core.model_output import ModelOutput
 from pagedjax.core.scheduler import SchedulerOutput
 from pagedjax.models.layers.linear import pack_params, resolve_matmul_backend
 from pagedjax.models.params import resolve_dtype
-from pagedjax.models.registry import get_forward, get_layer_skip_draft, get_model_class
+from pagedjax.models.registry import get_forward, get_model_class
 from pagedjax.models.step_inputs import AttentionOps, StepInputs
 from pagedjax.runner.buckets import BucketPolicy, StepShape, round_up
+from pagedjax.runner.draft_model import jit_draft_loop
 from pagedjax.runner.host_malloc import tune_host_malloc
 from pagedjax.runner.kv_cache import allocate_kv_cache, copy_pages, num_pages_for
 from pagedjax.sampling.metadata import SamplingRow, build_sampling_tensors
@@ -76,6 +77,7 @@ class ModelRunner:
             sched.max_num_batched_tokens,
             sched.max_num_prefill_seqs,
             spec_tokens=sched.num_speculative_tokens,
+            spec_seqs=sched.max_num_spec_seqs,
         )
         shape = dict(head_dim=config.head_dim, page_size=cache.block_size)
         self.attention_backend = attention_backend
@@ -102,31 +104,9 @@ class ModelRunner:
             )
 
         self._model_step = jax.jit(model_step, static_argnames=("all_logits",), donate_argnums=(1, 2))
-        draft = get_layer_skip_draft(config)
         ops = AttentionOps(self.attention_fn, self.write_kv_fn, self.fused_attention_fn)
-
-        def draft_step(
-            params, k_cache, v_cache, tokens, positions, tables, num_drafts, num_layers, num_tokens
-        ):
-            return draft(
-                params,
-                config,
-                k_cache,
-                v_cache,
-                tokens,
-                positions,
-                tables,
-                num_drafts,
-                ops,
-                num_layers=num_layers,
-                num_tokens=num_tokens,
-                page_size=self.block_size,
-            )
-
         # Layer-skip speculative drafts (compiled only when that method is configured).
-        self._draft_step = jax.jit(
-            draft_step, static_argnames=("num_layers", "num_tokens"), donate_argnums=(1, 2)
-        )
+        self._draft_step = jit_draft_loop(config, ops, self.block_size)
         # Ahead-of-time compiled step programs, one per (bucket shape, all_logits); see _executable.
         self._executables: dict[tuple[StepShape, bool], Any] = {}
         self._compile_lock = threading.Lock()

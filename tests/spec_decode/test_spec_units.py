@@ -81,10 +81,11 @@ def test_disable_by_batch_size():
 
 def test_sample_rows_cover_every_draft_but_never_exceed_the_prefill_tokens():
     assert StepShape(8, 16, 4).num_sample_rows == 12  # no speculation: one row per sequence
-    assert StepShape(8, 16, 4, spec_tokens=3).num_sample_rows == 8 + 16  # Tq bounds it
-    assert StepShape(0, 256, 32, spec_tokens=4).num_sample_rows == 160  # Sp * (1 + k)
-    policy = BucketPolicy(64, 256, 32, spec_tokens=4)
-    assert all(s.spec_tokens == 4 for s in policy.all_shapes())
+    assert StepShape(8, 16, 4, spec_tokens=3, spec_seqs=4).num_sample_rows == 8 + 16  # Tq bounds it
+    assert StepShape(0, 256, 32, spec_tokens=4, spec_seqs=8).num_sample_rows == 32 + 8 * 4
+    assert StepShape(0, 256, 32, spec_tokens=4, spec_seqs=32).num_sample_rows == 160  # Sp * (1 + k)
+    policy = BucketPolicy(64, 256, 32, spec_tokens=4, spec_seqs=8)
+    assert all((s.spec_tokens, s.spec_seqs) == (4, 8) for s in policy.all_shapes())
     assert policy.shape_for(0, 40).num_sample_rows == 64  # 40 prefill tokens -> bucket 64
 
 
