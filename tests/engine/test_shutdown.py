@@ -10,7 +10,14 @@ from pagedjax import LLM
 def test_shutdown_frees_weights_and_pools(model_dir):
     path = model_dir("llama")
     spec = {"method": "draft_model", "model": path, "num_speculative_tokens": 2}
-    llm = LLM(path, dtype="float32", warmup=False, compilation_cache_dir="off", speculative_config=spec)
+    llm = LLM(
+        path,
+        dtype="float32",
+        warmup=False,
+        compilation_cache_dir="off",
+        speculative_config=spec,
+        num_kv_pages=16,
+    )
     runner = llm.llm_engine.runner
     buffers = [runner.k_cache, runner.draft_model.k_cache, *jax.tree_util.tree_leaves(runner.params)]
     llm.shutdown()

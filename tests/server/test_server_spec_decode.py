@@ -35,7 +35,7 @@ def setup(model_dir):
     plain = LLM(path, **SETTINGS)
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     expected = [o.outputs[0].text for o in plain.generate(PROMPTS, params, use_tqdm=False)]
-    del plain
+    plain.shutdown()
     spec = LLM(
         path,
         speculative_config='{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}',

@@ -24,6 +24,7 @@ COMMON = dict(
     max_num_seqs=64,
     max_num_batched_tokens=256,
     max_model_len=64,
+    num_kv_pages=256,  # small pools: the suite builds many engines in one process
     warmup=False,
     compilation_cache_dir="off",
     enable_prefix_caching=True,
@@ -80,6 +81,8 @@ def test_distribution_with_speculation_equals_the_targets(peaky_model, top_p):
     m = spec.get_metrics()
     assert m["spec_num_accepted_tokens"] > N // 20  # speculation really decided many positions
     assert m["spec_num_draft_tokens"] > m["spec_num_accepted_tokens"]  # and rejections happened
+    plain.shutdown()
+    spec.shutdown()
     for j in range(3):
         assert chi2_pvalue(base[j], spec_counts[j]) > 1e-3, (
             j,

@@ -105,7 +105,13 @@ def test_layer_skip_needs_fewer_draft_layers_than_the_model(model_dir):
 
     spec = {"method": "layer_skip", "num_draft_layers": 2, "num_speculative_tokens": 2}
     with pytest.raises(ValueError, match="must be below the model's 2 layers"):
-        LLM(model_dir("llama"), speculative_config=spec, warmup=False, compilation_cache_dir="off")
+        LLM(
+            model_dir("llama"),
+            speculative_config=spec,
+            warmup=False,
+            compilation_cache_dir="off",
+            num_kv_pages=16,
+        )
 
 
 def test_draft_model_with_another_vocabulary_is_refused(model_dir):
@@ -114,14 +120,22 @@ def test_draft_model_with_another_vocabulary_is_refused(model_dir):
     other = model_dir("llama", vocab_size=640)
     spec = {"method": "draft_model", "model": other, "num_speculative_tokens": 2}
     with pytest.raises(ValueError, match="another vocabulary"):
-        LLM(model_dir("llama"), speculative_config=spec, warmup=False, compilation_cache_dir="off")
+        LLM(
+            model_dir("llama"),
+            speculative_config=spec,
+            warmup=False,
+            compilation_cache_dir="off",
+            num_kv_pages=16,
+        )
 
 
 def test_a_smaller_draft_model_gives_the_targets_greedy_tokens(model_dir):
     """A 1-layer model of the same vocabulary drafts for the 2-layer target."""
     from pagedjax import LLM, SamplingParams
 
-    settings = dict(dtype="float32", warmup=False, compilation_cache_dir="off", max_model_len=96)
+    settings = dict(
+        dtype="float32", warmup=False, compilation_cache_dir="off", max_model_len=96, num_kv_pages=64
+    )
     target = model_dir("llama")
     spec = {
         "method": "draft_model",
@@ -132,6 +146,9 @@ def test_a_smaller_draft_model_gives_the_targets_greedy_tokens(model_dir):
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     with_draft = LLM(target, speculative_config=spec, **settings)
     got = [o.outputs[0].token_ids for o in with_draft.generate(prompts, params, use_tqdm=False)]
-    want = [o.outputs[0].token_ids for o in LLM(target, **settings).generate(prompts, params, use_tqdm=False)]
+    plain = LLM(target, **settings)
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
     assert got == want
     assert with_draft.get_metrics()["spec_num_draft_tokens"] > 0
+    with_draft.shutdown()
+    plain.shutdown()
