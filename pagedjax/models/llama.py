@@ -17,7 +17,7 @@ Another architecture subclasses `LlamaDecoderLayers` / `LlamaForCausalLM` where 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import jax
@@ -35,6 +35,16 @@ from pagedjax.models.layers.norm import RMSNorm
 from pagedjax.models.layers.rope import apply_rope, rotary_embeddings
 from pagedjax.models.params import cast_state, hf_tensor, stack_layers
 from pagedjax.models.step_inputs import AttentionOps, StepInputs
+
+
+def gated_mlp_tensors(tensors: Mapping[str, np.ndarray], prefix: str) -> dict:
+    """A gated MLP's weights under HF names `{prefix}gate_proj/up_proj/down_proj.weight`, in the
+    `GatedMLP` state layout (gate and up fused into one [H, 2F] kernel)."""
+    gate, up = hf_tensor(tensors, prefix + "gate_proj.weight"), hf_tensor(tensors, prefix + "up_proj.weight")
+    return {
+        "gate_up_proj": {"kernel": np.concatenate([gate, up]).T},
+        "down_proj": {"kernel": hf_tensor(tensors, prefix + "down_proj.weight").T},
+    }
 
 
 @dataclass(frozen=True)
@@ -217,10 +227,9 @@ class LlamaForCausalLM(nnx.Module):
         def get(name):
             return hf_tensor(tensors, p + name)
 
-        q, k, v = (get(f"self_attn.{n}_proj.weight") for n in "qkv")
         out = {
             "attn_norm": {"scale": get("input_layernorm.weight")},
-            "qkv_proj": {"kernel": np.concatenate([q, k, v], axis=0).T},
+            "qkv_proj": {"kernel": cls.qkv_kernel(get)},
             "o_proj": {"kernel": get("self_attn.o_proj.weight").T},
             "mlp_norm": {"scale": get("post_attention_layernorm.weight")},
             "mlp": cls.mlp_tensors(tensors, config, i),
@@ -230,14 +239,14 @@ class LlamaForCausalLM(nnx.Module):
         return out
 
     @classmethod
+    def qkv_kernel(cls, get: Callable[[str], np.ndarray]) -> np.ndarray:
+        """The fused [H, q + k + v] kernel from a layer's HF tensors (`get(name)`)."""
+        return np.concatenate([get(f"self_attn.{n}_proj.weight") for n in "qkv"], axis=0).T
+
+    @classmethod
     def mlp_tensors(cls, tensors: Mapping[str, np.ndarray], config: ModelConfig, i: int) -> dict:
         """Layer `i`'s MLP weights: gate and up fused into one [H, 2F] kernel."""
-        p = f"model.layers.{i}.mlp."
-        gate, up = hf_tensor(tensors, p + "gate_proj.weight"), hf_tensor(tensors, p + "up_proj.weight")
-        return {
-            "gate_up_proj": {"kernel": np.concatenate([gate, up]).T},
-            "down_proj": {"kernel": hf_tensor(tensors, p + "down_proj.weight").T},
-        }
+        return gated_mlp_tensors(tensors, f"model.layers.{i}.mlp.")
 
     @classmethod
     def state_from_hf(cls, tensors: Mapping[str, np.ndarray], config: ModelConfig, dtype) -> dict:

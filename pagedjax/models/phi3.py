@@ -6,7 +6,7 @@ are already the ones this engine uses ([q; k; v] rows, [gate; up] rows)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -17,19 +17,8 @@ from pagedjax.models.params import hf_tensor
 
 class Phi3ForCausalLM(LlamaForCausalLM):
     @classmethod
-    def layer_tensors(cls, tensors: Mapping[str, np.ndarray], config: ModelConfig, i: int) -> dict:
-        p = f"model.layers.{i}."
-
-        def get(name):
-            return hf_tensor(tensors, p + name)
-
-        return {
-            "attn_norm": {"scale": get("input_layernorm.weight")},
-            "qkv_proj": {"kernel": get("self_attn.qkv_proj.weight").T},
-            "o_proj": {"kernel": get("self_attn.o_proj.weight").T},
-            "mlp_norm": {"scale": get("post_attention_layernorm.weight")},
-            "mlp": cls.mlp_tensors(tensors, config, i),
-        }
+    def qkv_kernel(cls, get: Callable[[str], np.ndarray]) -> np.ndarray:
+        return get("self_attn.qkv_proj.weight").T  # stored fused, [q; k; v] rows
 
     @classmethod
     def mlp_tensors(cls, tensors: Mapping[str, np.ndarray], config: ModelConfig, i: int) -> dict:

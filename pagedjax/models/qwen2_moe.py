@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from pagedjax.config import ModelConfig
+from pagedjax.models.llama import gated_mlp_tensors
 from pagedjax.models.mixtral import MixtralForCausalLM
 from pagedjax.models.params import hf_tensor
 
@@ -20,11 +21,6 @@ class Qwen2MoeForCausalLM(MixtralForCausalLM):
     def mlp_tensors(cls, tensors: Mapping[str, np.ndarray], config: ModelConfig, i: int) -> dict:
         out = super().mlp_tensors(tensors, config, i)
         p = f"model.layers.{i}.mlp."
-        gate = hf_tensor(tensors, p + "shared_expert.gate_proj.weight")
-        up = hf_tensor(tensors, p + "shared_expert.up_proj.weight")
-        out["shared_expert"] = {
-            "gate_up_proj": {"kernel": np.concatenate([gate, up]).T},
-            "down_proj": {"kernel": hf_tensor(tensors, p + "shared_expert.down_proj.weight").T},
-        }
+        out["shared_expert"] = gated_mlp_tensors(tensors, p + "shared_expert.")
         out["shared_expert_gate"] = hf_tensor(tensors, p + "shared_expert_gate.weight").T  # [H, 1]
         return out
