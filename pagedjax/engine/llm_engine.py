@@ -97,7 +97,7 @@ class LLMEngine:
         if config.warmup:
             self.runner.warmup()
             if self.proposer is not None:
-                self.proposer.warmup(self.runner, min(sched.max_num_seqs, sched.max_num_prefill_seqs))
+                self.proposer.warmup(self.runner, sched.max_num_spec_seqs)
         # Everything alive now (JAX, transformers, the model) lives for the whole run: move it out of
         # the collector's generations, so the collections the per-step objects trigger stay cheap.
         gc.collect()
@@ -437,17 +437,7 @@ class LLMEngine:
         Dropping the last reference is not enough: the engine's objects are moved out of the
         collector's generations at start-up (`gc.freeze`), so a second engine in one process (a
         notebook, a benchmark sweep) would otherwise keep the first one's buffers."""
-        import jax
-
-        runner = self.runner
-        buffers = [runner.k_cache, runner.v_cache, *jax.tree_util.tree_leaves(runner.params)]
-        if runner.draft_model is not None:
-            d = runner.draft_model
-            buffers += [d.k_cache, d.v_cache, *jax.tree_util.tree_leaves(d.params)]
-        for x in buffers:
-            if isinstance(x, jax.Array) and not x.is_deleted():
-                x.delete()
-        runner._executables.clear()
+        self.runner.release()
 
     def get_metrics(self) -> dict[str, Any]:
         stats = self.kv_cache.stats()

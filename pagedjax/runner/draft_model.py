@@ -49,6 +49,30 @@ def jit_draft_loop(config: ModelConfig, ops: AttentionOps, page_size: int):
     return jax.jit(step, static_argnames=("num_layers", "num_tokens"), donate_argnums=(1, 2))
 
 
+def run_draft_loop(step, params, k_cache, v_cache, arrays, chunks: list, **static):
+    """One call of a draft loop (`jit_draft_loop`) over a step's verification chunks, with the
+    host arrays of `ModelRunner.draft_inputs`: -> (each chunk's drafts, k_cache, v_cache)."""
+    drafts, k_cache, v_cache = step(params, k_cache, v_cache, *arrays, **static)
+    host = np.asarray(drafts)
+    return [host[r, : ch.num_spec_tokens].tolist() for r, ch in enumerate(chunks)], k_cache, v_cache
+
+
+def warm_draft_loop(step, params, k_cache, v_cache, rows: int, max_pages: int, **static):
+    """Compile a draft loop for `rows` rows with all-padding inputs (every K/V write is dropped)."""
+    z = np.zeros(rows, np.int32)
+    tables = np.zeros((rows, max_pages), np.int32)
+    drafts, k_cache, v_cache = step(params, k_cache, v_cache, z, z, tables, z, **static)
+    drafts.block_until_ready()
+    return k_cache, v_cache
+
+
+def delete_buffers(*trees) -> None:
+    """Free the device buffers of `trees` now (the arrays become unusable)."""
+    for x in jax.tree_util.tree_leaves(trees):
+        if isinstance(x, jax.Array) and not x.is_deleted():
+            x.delete()
+
+
 class DraftModel:
     def __init__(self, config: ModelConfig, params: dict, target) -> None:
         """`target`: the target's ModelRunner (pool geometry, backends, bucket shapes)."""
@@ -77,10 +101,6 @@ class DraftModel:
         self._mirror = jax.jit(mirror_step, donate_argnums=(1, 2))
         self._draft = partial(jit_draft_loop(config, ops, target.block_size), num_layers=config.num_layers)
 
-    @property
-    def kv_bytes(self) -> int:
-        return self.k_cache.nbytes + self.v_cache.nbytes
-
     def mirror(self, inputs: StepInputs) -> None:
         """Run the draft over the target's step batch: its K/V for those positions, in its pool."""
         self.k_cache, self.v_cache = self._mirror(self.params, self.k_cache, self.v_cache, inputs)
@@ -98,28 +118,27 @@ class DraftModel:
 
     def draft(self, chunks: list, block_tables: dict[str, list[int]], num_tokens: int) -> list[list[int]]:
         """Greedy drafts of the draft model for this step's verification chunks."""
-        tokens, positions, tables, num_drafts = self.target.draft_inputs(chunks, block_tables)
-        drafts, self.k_cache, self.v_cache = self._draft(
-            self.params,
-            self.k_cache,
-            self.v_cache,
-            tokens,
-            positions,
-            tables,
-            num_drafts,
-            num_tokens=num_tokens,
+        arrays = self.target.draft_inputs(chunks, block_tables)
+        drafts, self.k_cache, self.v_cache = run_draft_loop(
+            self._draft, self.params, self.k_cache, self.v_cache, arrays, chunks, num_tokens=num_tokens
         )
-        host = np.asarray(drafts)
-        return [host[r, : ch.num_spec_tokens].tolist() for r, ch in enumerate(chunks)]
+        return drafts
 
     def warmup(self, shapes, num_tokens: int, max_rows: int) -> None:
         """Compile the mirror step for every bucket shape and the draft loop per row bucket."""
         for shape in shapes:
             self.mirror(self.target._example_inputs(shape))
-        for rows in sorted({self.target._draft_rows(n) for n in range(1, max_rows + 1)}):
-            z = np.zeros(rows, np.int32)
-            tables = np.zeros((rows, self.target.max_pages_per_seq), np.int32)
-            d, self.k_cache, self.v_cache = self._draft(
-                self.params, self.k_cache, self.v_cache, z, z, tables, z, num_tokens=num_tokens
+        for rows in self.target.draft_row_buckets(max_rows):
+            self.k_cache, self.v_cache = warm_draft_loop(
+                self._draft,
+                self.params,
+                self.k_cache,
+                self.v_cache,
+                rows,
+                self.target.max_pages_per_seq,
+                num_tokens=num_tokens,
             )
-        jax.block_until_ready(self.k_cache)
+
+    def release(self) -> None:
+        """Free its weights and pool now (see `ModelRunner.release`)."""
+        delete_buffers(self.k_cache, self.v_cache, self.params)

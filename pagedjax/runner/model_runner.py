@@ -25,7 +25,7 @@ from pagedjax.models.params import resolve_dtype
 from pagedjax.models.registry import get_forward, get_model_class
 from pagedjax.models.step_inputs import AttentionOps, StepInputs
 from pagedjax.runner.buckets import BucketPolicy, StepShape, round_up
-from pagedjax.runner.draft_model import jit_draft_loop
+from pagedjax.runner.draft_model import delete_buffers, jit_draft_loop, run_draft_loop, warm_draft_loop
 from pagedjax.runner.host_malloc import tune_host_malloc
 from pagedjax.runner.kv_cache import allocate_kv_cache, copy_pages, num_pages_for
 from pagedjax.sampling.metadata import SamplingRow, build_sampling_tensors
@@ -331,24 +331,22 @@ class ModelRunner:
         """Self-speculative drafts for this step's verification chunks (run before the step, after
         its pages were allocated and copied): the first `num_layers` layers propose each chunk's
         `num_spec_tokens` drafts greedily, in one device call. Returns the drafts per chunk."""
-        tokens, positions, tables, num_drafts = self.draft_inputs(chunks, block_tables)
+        arrays = self.draft_inputs(chunks, block_tables)
         t0 = time.perf_counter()
-        new = self._note_compile(("draft", len(tokens), num_layers, num_tokens))
-        drafts, self.k_cache, self.v_cache = self._draft_step(
+        new = self._note_compile(("draft", len(arrays[0]), num_layers, num_tokens))
+        drafts, self.k_cache, self.v_cache = run_draft_loop(
+            self._draft_step,
             self.params,
             self.k_cache,
             self.v_cache,
-            tokens,
-            positions,
-            tables,
-            num_drafts,
+            arrays,
+            chunks,
             num_layers=num_layers,
             num_tokens=num_tokens,
         )
-        host = np.asarray(drafts)
         if new:
             self.compile_seconds += time.perf_counter() - t0
-        return [host[r, : ch.num_spec_tokens].tolist() for r, ch in enumerate(chunks)]
+        return drafts
 
     def draft_inputs(self, chunks: list, block_tables: dict[str, list[int]]):
         """Host arrays of a draft loop over verification chunks, padded to a row bucket: each row's
@@ -369,27 +367,33 @@ class ModelRunner:
     def _draft_rows(self, n: int) -> int:
         return round_up(n, [b for b in self.buckets.decode_buckets if b])
 
+    def draft_row_buckets(self, max_rows: int) -> list[int]:
+        """The row counts a draft loop over up to `max_rows` chunks is compiled for."""
+        return sorted({self._draft_rows(n) for n in range(1, max_rows + 1)})
+
     def warmup_drafts(self, num_layers: int, num_tokens: int, max_rows: int) -> None:
-        """Compile the draft program for every row bucket up to `max_rows` (all-padding inputs:
-        every K/V write is dropped)."""
-        for rows in sorted({self._draft_rows(n) for n in range(1, max_rows + 1)}):
-            z = np.zeros(rows, np.int32)
-            tables = np.zeros((rows, self.max_pages_per_seq), np.int32)
+        """Compile the layer-skip draft program for every row bucket up to `max_rows`."""
+        for rows in self.draft_row_buckets(max_rows):
             t0 = time.perf_counter()
-            drafts, self.k_cache, self.v_cache = self._draft_step(
+            self.k_cache, self.v_cache = warm_draft_loop(
+                self._draft_step,
                 self.params,
                 self.k_cache,
                 self.v_cache,
-                z,
-                z,
-                tables,
-                z,
+                rows,
+                self.max_pages_per_seq,
                 num_layers=num_layers,
                 num_tokens=num_tokens,
             )
-            drafts.block_until_ready()
             self._note_compile(("draft", rows, num_layers, num_tokens))
             self.compile_seconds += time.perf_counter() - t0
+
+    def release(self) -> None:
+        """Free the weights and KV pools (and a draft model's) now; the runner is unusable after."""
+        delete_buffers(self.k_cache, self.v_cache, self.params)
+        if self.draft_model is not None:
+            self.draft_model.release()
+        self._executables.clear()
 
     @staticmethod
     def _row_starts(out: SchedulerOutput, shape: StepShape) -> list[int]:
